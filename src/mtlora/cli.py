@@ -1,0 +1,82 @@
+"""`mtlora` command-line entry point.
+
+One entry point, one sub-command per workflow (like litgpt). Each sub-command lives in its own module and
+exposes ``main(argv: list[str]) -> int``; this file only dispatches, so ``mtlora --help`` stays fast
+(torch/transformers are imported lazily by the sub-command that needs them).
+
+Errors: a sub-command raises :class:`mtlora.errors.MtLoraError` (or ``ValueError``/``FileNotFoundError``)
+for bad input; we print one ``error: ...`` line and exit 2. ``--debug`` anywhere on the command line
+shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, help). The module must define main(argv) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "params": ("mtlora.params", "count trainable/total parameters of a method on a model (meta device)"),
+    "train": ("mtlora.training.cli", "fine-tune a model with lora / hydralora / mmoelora / mtlora"),
+    "eval": ("mtlora.evaluation.cli", "evaluate on BBH or MMLU (paper or lm-eval-harness protocol)"),
+    "data": ("mtlora.data.cli", "convert Dolly / Flan-v2 CoT / Natural Instructions / Flan data"),
+    "convert": ("mtlora.convert", "convert checkpoints (llama2.c -> Hugging Face Llama)"),
+    "demo": ("mtlora.demo", "train and compare lora / hydralora / mtlora on the bundled tiny model"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mtlora <command> [options]   (mtlora <command> --help for details)", "", "commands:"]
+    for name, (_, help_text) in COMMANDS.items():
+        lines.append(f"  {name:<10} {help_text}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from mtlora import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            print(f"error: command {name!r} is not available in this build ({module_name} missing)", file=sys.stderr)
+            return 2
+        raise
+    return run_main(module.main, rest, debug=debug, prog=f"mtlora {name}")
+
+
+def run_main(fn, argv: list[str], *, debug: bool = False, prog: str = "mtlora") -> int:
+    """Run ``fn(argv)``; turn user errors into one clear line unless ``debug``."""
+    from mtlora.errors import MtLoraError
+
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        debug = True
+    try:
+        rc = fn(argv)
+    except (MtLoraError, ValueError, FileNotFoundError, KeyError) as exc:
+        if debug:
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
