@@ -1,0 +1,237 @@
+"""The multi-expert LoRA unit shared by every method, and the routing state it reads.
+
+One module, :class:`MultiExpertLoRA`, computes the adapter's additive output Delta(x) for all methods:
+
+    h     = A · drop(x)                     A: (r, d_in), computed ONCE per call
+    h     = ReLU(h)                         (bottleneck style only)
+    y     = (alpha / r) · sum_e  pi_e (.) B_e h
+
+with E up-projections B_e (d_out, r) stored as ONE parameter ``lora_B`` of shape ``(d_out, E, r)``. That
+layout makes the fused forward free of copies:
+
+* scalar routing (G=1): ``z = (pi ⊗ h).reshape(N, E*r)`` and ``y = z @ lora_B.view(d_out, E*r)^T`` - one GEMM;
+* fine-grained routing (G groups of gs = d_out/G dims): ``lora_B.view(G, gs, E*r)`` is a contiguous view,
+  ``z`` is ``(G, N, E*r)`` and ``y`` is one batched matmul ``(G, N, E*r) x (G, E*r, gs)``;
+* no router (plain LoRA, E=1): ``y = h @ lora_B.view(d_out, r)^T``;
+* MMoELoRA splits the rank across experts: expert e owns rows ``[e*r/E, (e+1)*r/E)`` of A and the matching
+  columns of B, so ``y = B (gate ⊙ h)`` with the per-sample gate repeated over each expert's rank slice.
+
+The same FLOPs as a single LoRA of rank E*r, no Python loop over experts, and no ``(N, E, d_out)`` tensor of
+per-expert outputs (which is what made the released code's per-expert loop slow and memory hungry).
+
+Initialisation follows the paper code: A and the router kaiming-uniform(a=sqrt 5), every B zero, so the
+adapted model equals the base model at init. Trainable parameters are kept in ``adapter_dtype`` (fp32 by
+default); activations are cast to it unless autocast is active, and the output is cast back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtlora.errors import MtLoraError
+from mtlora.routing import TaskRouter, TokenRouter
+
+
+@dataclass
+class RoutingState:
+    """Per-model mutable state shared by all adapter modules of one wrapped model.
+
+    The wrapper (:class:`mtlora.model.MtLoraModel`) fills it around each forward/generate call, which is how
+    task ids and the attention mask reach every adapted module without changing any library signature.
+    """
+
+    enabled: bool = True
+    task_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    collect_balance: bool = False
+    collect_stats: bool = False
+    balance_terms: list[torch.Tensor] = field(default_factory=list)
+    stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def cv_squared(p: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation ``Var_unbiased(p) / (mean(p)^2 + eps)``, in fp32 (0 for one element)."""
+    p = p.float()
+    if p.numel() <= 1:
+        return p.new_zeros(())
+    return p.var() / (p.mean() ** 2 + eps)
+
+
+class MultiExpertLoRA(nn.Module):
+    """Additive multi-expert low-rank path ``Delta(x)`` (see the module docstring for the math)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        num_experts: int = 1,
+        *,
+        scaling: float = 1.0,
+        dropout: float = 0.0,
+        router: str = "token",
+        num_groups: int = 1,
+        top_k: int | None = None,
+        style: str = "lowrank",
+        task_num: int | None = None,
+        task_embedding_dim: int = 64,
+        bottleneck_init: str = "zeros",
+        state: RoutingState | None = None,
+        name: str = "",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if router not in ("none", "token", "task"):
+            raise MtLoraError(f"unknown router kind {router!r}")
+        if router == "none" and num_experts != 1:
+            raise MtLoraError("router='none' needs exactly one expert")
+        if router == "token" and num_experts == 1:
+            router = "none"
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.num_experts = num_experts
+        self.router_kind = router
+        self.num_groups = num_groups if router == "token" else 1
+        self.scaling = float(scaling)
+        self.style = style
+        self.name = name
+        self.state = state if state is not None else RoutingState()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Rank-split experts (MMoELoRA) keep one B column block per expert; otherwise each expert has r columns.
+        b_experts, b_rank = (1, rank) if router == "task" else (num_experts, rank)
+        if router == "task" and rank % num_experts != 0:
+            raise MtLoraError(f"mmoelora rank {rank} is not divisible by {num_experts} experts")
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, b_experts, b_rank, device=device, dtype=dtype))
+        self.router: nn.Module | None
+        if router == "token":
+            self.router = TokenRouter(in_features, num_experts, self.num_groups, top_k, device=device, dtype=dtype)
+        elif router == "task":
+            if not task_num:
+                raise MtLoraError("mmoelora needs task_num (number of tasks) to build the task gate")
+            self.router = TaskRouter(task_num, num_experts, task_embedding_dim, top_k, device=device, dtype=dtype)
+        else:
+            self.router = None
+        self.bottleneck_init = bottleneck_init
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        if self.lora_A.device.type == "meta":
+            return
+        if self.router_kind == "task":  # MMoELoRA: A ~ N(0, 0.01^2), B = 0
+            nn.init.normal_(self.lora_A, std=0.01)
+        elif self.style == "bottleneck":
+            nn.init.kaiming_uniform_(self.lora_A, nonlinearity="relu")
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if self.style == "bottleneck" and self.bottleneck_init == "paper":
+            nn.init.normal_(self.lora_B, std=0.02)
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    # ------------------------------------------------------------------ routing
+    def routing_probs(self, x2: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        """fp32 routing probabilities ``(N, G, E)`` for flattened inputs ``x2`` of shape ``(N, d_in)``."""
+        if self.router_kind == "token":
+            assert isinstance(self.router, TokenRouter)
+            return self.router(x2)
+        assert isinstance(self.router, TaskRouter)
+        task_ids = self.state.task_ids
+        if task_ids is None:
+            raise MtLoraError(
+                f"{self.name or 'mmoelora adapter'}: this adapter routes by task id; pass task_ids=<LongTensor (batch,)> "
+                "to the model's forward()/generate()"
+            )
+        batch = batch_shape[0] if batch_shape else 1
+        tokens = x2.shape[0] // max(batch, 1)
+        return self.router(task_ids, batch, tokens)
+
+    def _record(self, probs: torch.Tensor, batch_shape: tuple[int, ...]) -> None:
+        st = self.state
+        if not (st.collect_balance or st.collect_stats) or self.router_kind != "token":
+            return
+        p = probs.mean(dim=1)  # (N, E): average over groups, as the paper does
+        mask = st.attention_mask
+        if mask is not None and tuple(mask.shape) == tuple(batch_shape):
+            w = mask.reshape(-1, 1).to(p.dtype)
+            mean_p = (p * w).sum(0) / w.sum().clamp_min(1.0)
+        else:
+            mean_p = p.mean(0)
+        if st.collect_balance and torch.is_grad_enabled():
+            st.balance_terms.append(cv_squared(mean_p))
+        if st.collect_stats:
+            ent = -(probs * probs.clamp_min(1e-10).log()).sum(-1).mean()
+            st.stats[self.name] = {"mean_probs": mean_p.detach(), "entropy": ent.detach()}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
+        batch_shape = tuple(x.shape[:-1])
+        x2 = x.reshape(-1, self.in_features)
+        if not torch.is_autocast_enabled(x.device.type):
+            x2 = x2.to(self.lora_A.dtype)
+        h = F.linear(self.dropout(x2), self.lora_A)  # (N, r) - A once for all experts
+        if self.style == "bottleneck":
+            h = F.relu(h)
+        d_out, n_tok = self.out_features, x2.shape[0]
+        if self.router_kind == "none":
+            y = F.linear(h, self.lora_B.view(d_out, self.rank))
+        elif self.router_kind == "task":
+            gate = self.routing_probs(x2, batch_shape)[:, 0, :].to(h.dtype)  # (N, E)
+            h = h * gate.repeat_interleave(self.rank // self.num_experts, dim=-1)
+            y = F.linear(h, self.lora_B.view(d_out, self.rank))
+        else:
+            probs = self.routing_probs(x2, batch_shape)  # (N, G, E) fp32
+            self._record(probs, batch_shape)
+            g, er = self.num_groups, self.num_experts * self.rank
+            z = probs.to(h.dtype).unsqueeze(-1) * h[:, None, None, :]  # (N, G, E, r)
+            if g == 1:
+                y = F.linear(z.reshape(n_tok, er), self.lora_B.view(d_out, er))
+            else:
+                b = self.lora_B.view(g, d_out // g, er)  # contiguous view: group g = dims [g*gs, (g+1)*gs)
+                y = torch.bmm(z.reshape(n_tok, g, er).transpose(0, 1), b.transpose(1, 2))  # (G, N, gs)
+                y = y.transpose(0, 1).reshape(n_tok, d_out)
+        y = y * self.scaling
+        return y.reshape(*batch_shape, d_out).to(out_dtype)
+
+    # ------------------------------------------------------------------ helpers
+    def expert_B(self, e: int) -> torch.Tensor:
+        """Up-projection of expert ``e`` as a ``(d_out, r_e)`` view (for analysis, export, regularization)."""
+        if self.router_kind == "task":
+            rs = self.rank // self.num_experts
+            return self.lora_B[:, 0, e * rs : (e + 1) * rs]
+        return self.lora_B[:, e, :]
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B A`` for a single-expert low-rank adapter (merging)."""
+        if self.router_kind != "none" or self.style != "lowrank":
+            raise MtLoraError(
+                f"{self.name}: only a single-expert low-rank adapter has a static weight delta "
+                f"(router={self.router_kind}, style={self.style}); routed adapters cannot be merged"
+            )
+        return self.scaling * (self.lora_B.view(self.out_features, self.rank) @ self.lora_A)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, experts={self.num_experts}, "
+            f"router={self.router_kind}, groups={self.num_groups}, style={self.style}, scaling={self.scaling:g}"
+        )
+
+    def config_signature(self) -> dict[str, Any]:
+        return {
+            "in": self.in_features,
+            "out": self.out_features,
+            "rank": self.rank,
+            "experts": self.num_experts,
+            "router": self.router_kind,
+            "groups": self.num_groups,
+            "style": self.style,
+            "scaling": self.scaling,
+        }

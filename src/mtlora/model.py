@@ -1,0 +1,351 @@
+"""`MtLoraModel`: a Hugging Face causal LM with multi-task LoRA adapters attached.
+
+    from mtlora import MtLoraConfig, get_mtlora_model
+    model = get_mtlora_model(base, MtLoraConfig(method="mtlora", enable_block_adapter=True, ...))
+    out = model(input_ids=..., labels=...)        # out.loss = task loss + blc_alpha * balance loss
+    model.save_pretrained("adapter/")             # adapter_config.json + adapter_model.safetensors
+    model = MtLoraModel.from_pretrained(base, "adapter/")
+
+The wrapper owns the :class:`~mtlora.layers.RoutingState` shared by every adapter: around each call it
+publishes the batch's ``task_ids`` (MMoELoRA) and ``attention_mask`` (padding-aware balance loss), clears
+the per-forward balance terms and afterwards adds the balance loss to ``loss``. Unknown attributes are
+forwarded to the base model (``config``, ``generation_config``, ``device`` ...), as peft's ``PeftModel`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mtlora import __version__
+from mtlora.config import CONFIG_NAME, WEIGHTS_NAME, MtLoraConfig
+from mtlora.errors import CheckpointError, MtLoraError, PlacementError
+from mtlora.layers import MultiExpertLoRA, RoutingState
+from mtlora.losses import balance_loss
+from mtlora.placement import (
+    ADAPTER_ATTR,
+    attach,
+    default_target_modules,
+    detach,
+    find_block_hosts,
+    find_component_targets,
+    hidden_size_of,
+    iter_hosts,
+)
+from mtlora.routing import num_groups_for
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _host_device(host: nn.Module) -> torch.device:
+    for p in host.parameters(recurse=True):
+        return p.device
+    return torch.device("cpu")
+
+
+def _build_adapter(
+    config: MtLoraConfig, name: str, d_in: int, d_out: int, state: RoutingState, device: torch.device, block: bool
+) -> MultiExpertLoRA:
+    rank = config.effective_rank if block else config.lora_rank
+    groups = 1
+    if config.router_kind == "token":
+        groups = num_groups_for(d_out, config.routing_group_size, config.enable_fine_grained_routing, where=name)
+    return MultiExpertLoRA(
+        d_in,
+        d_out,
+        rank,
+        config.num_experts,
+        scaling=float(config.lora_alpha) / rank,
+        dropout=float(config.lora_dropout),
+        router=config.router_kind,
+        num_groups=groups,
+        top_k=config.router_top_k,
+        style=config.block_adapter_style if block else "lowrank",
+        task_num=config.task_num,
+        task_embedding_dim=config.task_embedding_dim,
+        bottleneck_init=config.bottleneck_init,
+        state=state,
+        name=name,
+        device=device,
+        dtype=_DTYPES[config.adapter_dtype],
+    )
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via a temporary file in the same directory and ``os.replace`` it (never a half-written file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class MtLoraModel(nn.Module):
+    """A base causal LM plus mtlora adapters (see the module docstring)."""
+
+    def __init__(self, base_model: nn.Module, config: MtLoraConfig) -> None:
+        super().__init__()
+        if isinstance(base_model, MtLoraModel):
+            raise PlacementError("the model is already an MtLoraModel; use it directly or unload() first")
+        existing = list(iter_hosts(base_model))
+        if existing:
+            raise PlacementError(
+                f"the model already carries mtlora adapters (e.g. at {existing[0][0]}); "
+                "unload() the previous MtLoraModel first"
+            )
+        self.base_model = base_model
+        self.mtlora_config = config
+        self.routing_state = RoutingState()
+        self._requires_grad_backup = {n: p.requires_grad for n, p in base_model.named_parameters()}
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(base_model, "config", None), "_name_or_path", None)
+        self._inject()
+        self._mark_trainable()
+        self.train(base_model.training)
+
+    # ------------------------------------------------------------------ construction
+    def _inject(self) -> None:
+        cfg, model = self.mtlora_config, self.base_model
+        if cfg.router_kind == "task" and not cfg.task_num:
+            raise MtLoraError("mmoelora needs task_num (the number of tasks); set it or let training infer it from the data")
+        hosts: list[tuple[str, nn.Module, int, int, bool]] = []
+        if cfg.enable_block_adapter:
+            block_hosts = find_block_hosts(model, cfg.block_adapter_type)
+            d = hidden_size_of(model)
+            hosts = [(n, m, d, d, True) for n, m in block_hosts]
+        else:
+            targets = cfg.target_modules or default_target_modules(model)
+            hosts = [(n, m, m.in_features, m.out_features, False) for n, m in find_component_targets(model, targets)]
+        try:
+            for name, host, d_in, d_out, block in hosts:
+                adapter = _build_adapter(cfg, name, d_in, d_out, self.routing_state, _host_device(host), block)
+                adapter.train(host.training)  # follow the model's mode (no dropout in an eval-mode model)
+                attach(host, adapter, block=block)
+        except Exception:
+            for _, host, _, _, _ in hosts:
+                detach(host)
+            raise
+
+    def _mark_trainable(self) -> None:
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        for adapter in self.adapters():
+            for p in adapter.parameters():
+                p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ introspection
+    def adapters(self) -> Iterator[MultiExpertLoRA]:
+        for _, _, adapter in iter_hosts(self.base_model):
+            assert isinstance(adapter, MultiExpertLoRA)
+            yield adapter
+
+    def named_adapters(self) -> Iterator[tuple[str, MultiExpertLoRA]]:
+        for name, _, adapter in iter_hosts(self.base_model):
+            yield name, adapter  # type: ignore[misc]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter tensors keyed by their name in the base model (``model.layers.0.mlp.mtlora.lora_A``)."""
+        marker = f".{ADAPTER_ATTR}."
+        return {n: p for n, p in self.base_model.state_dict(keep_vars=True).items() if marker in f".{n}"}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        t, n = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ forward / generate
+    @contextlib.contextmanager
+    def _routing(self, task_ids: Any, attention_mask: torch.Tensor | None, balance: bool) -> Iterator[None]:
+        st = self.routing_state
+        if task_ids is not None and not isinstance(task_ids, torch.Tensor):
+            task_ids = torch.as_tensor(task_ids, dtype=torch.long)
+        st.task_ids = task_ids
+        st.attention_mask = attention_mask if self.mtlora_config.blc_ignore_padding else None
+        st.collect_balance = balance
+        st.balance_terms = []
+        try:
+            yield
+        finally:
+            st.task_ids = None
+            st.attention_mask = None
+            st.collect_balance = False
+
+    def forward(self, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Forward of the base model; ``task_ids`` (B,) routes MMoELoRA; adds the balance loss when training."""
+        cfg = self.mtlora_config
+        balance = bool(self.training and cfg.enable_blc and cfg.blc_alpha > 0)
+        with self._routing(task_ids, kwargs.get("attention_mask"), balance):
+            out = self.base_model(*args, **kwargs)
+            terms = list(self.routing_state.balance_terms)
+        if balance:
+            bl = balance_loss(terms)
+            if bl is not None and torch.is_grad_enabled() and not bl.requires_grad:
+                raise MtLoraError(
+                    "the balance loss has no gradient: gradient checkpointing is reentrant, which runs the forward "
+                    "under no_grad. Use model.gradient_checkpointing_enable() (non-reentrant) or "
+                    "gradient_checkpointing_kwargs={'use_reentrant': False}"
+                )
+            if bl is not None:
+                out["balance_loss"] = bl.detach()
+                if getattr(out, "loss", None) is not None:
+                    out["task_loss"] = out.loss.detach()
+                    out["loss"] = out.loss + cfg.blc_alpha * bl.to(out.loss.dtype)
+                else:
+                    out["balance_loss_with_grad"] = bl
+        return out
+
+    def generate(self, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        with self._routing(task_ids, None, False):
+            return self.base_model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Enable gradient checkpointing, non-reentrant (the reentrant variant kills the balance loss gradient)."""
+        kw = dict(gradient_checkpointing_kwargs or {})
+        if kw.get("use_reentrant", False):
+            raise MtLoraError("reentrant gradient checkpointing drops the balance-loss gradient; use use_reentrant=False")
+        kw["use_reentrant"] = False
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Context in which the model computes exactly the base model's outputs."""
+        prev = self.routing_state.enabled
+        self.routing_state.enabled = False
+        try:
+            yield
+        finally:
+            self.routing_state.enabled = prev
+
+    @contextlib.contextmanager
+    def collect_routing_stats(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+        """Record per-adapter mean routing probabilities and entropy of the forwards run inside the context."""
+        st = self.routing_state
+        st.collect_stats, st.stats = True, {}
+        try:
+            yield st.stats
+        finally:
+            st.collect_stats = False
+
+    # ------------------------------------------------------------------ unload / merge
+    def unload(self) -> nn.Module:
+        """Remove every adapter and hook and restore ``requires_grad``: returns the exact base model."""
+        base = self.base_model
+        for _, host, _ in list(iter_hosts(base)):
+            detach(host)
+        for n, p in base.named_parameters():
+            p.requires_grad_(self._requires_grad_backup.get(n, p.requires_grad))
+        return base
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold single-expert component adapters into their Linear weights (W += scaling·B·A), then unload."""
+        deltas = []
+        for name, host, adapter in iter_hosts(self.base_model):
+            if not isinstance(host, nn.Linear):
+                raise MtLoraError(
+                    f"{name}: block-level adapters add a parallel path over a whole block and cannot be merged "
+                    "into existing weights; export them instead (mtlora export)"
+                )
+            deltas.append((host, adapter.delta_weight()))  # raises for routed adapters
+        with torch.no_grad():
+            for host, dw in deltas:
+                host.weight.add_(dw.to(host.weight.dtype))
+        return self.unload()
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **extra_config: Any) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically)."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
+        cfg = self.mtlora_config.to_dict()
+        cfg["mtlora_version"] = __version__
+        cfg.update(extra_config)
+        _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "mtlora": __version__}))
+        _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
+
+    def load_adapter_weights(self, path: str | os.PathLike[str]) -> None:
+        """Load adapter tensors from a safetensors file, checking every key and shape strictly."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: adapter weights not found")
+        try:
+            loaded = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(loaded))
+        unexpected = sorted(set(loaded) - set(expected))
+        if missing:
+            raise CheckpointError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing) - adapter does not fit this model")
+        if unexpected:
+            raise CheckpointError(
+                f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected) - adapter does not fit this model"
+            )
+        for k, param in expected.items():
+            if tuple(loaded[k].shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{path}: shape mismatch for {k!r}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(param.shape)}"
+                )
+        with torch.no_grad():
+            for k, param in expected.items():
+                param.copy_(loaded[k].to(dtype=param.dtype, device=param.device))
+
+    @classmethod
+    def from_pretrained(
+        cls, base_model: nn.Module, adapter_dir: str | os.PathLike[str], *, is_trainable: bool = False
+    ) -> MtLoraModel:
+        """Rebuild the adapters described by ``adapter_dir/adapter_config.json`` and load their weights."""
+        adapter_dir = Path(adapter_dir)
+        if not adapter_dir.is_dir():
+            raise CheckpointError(f"{adapter_dir}: adapter directory not found")
+        config = MtLoraConfig.from_json_file(adapter_dir / CONFIG_NAME)
+        config.inference_mode = not is_trainable
+        model = cls(base_model, config)
+        model.load_adapter_weights(adapter_dir / WEIGHTS_NAME)
+        if not is_trainable:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+        return model
+
+
+def get_mtlora_model(model: nn.Module, config: MtLoraConfig) -> MtLoraModel:
+    """Attach adapters described by ``config`` to ``model``.
+
+    Idempotent: given an :class:`MtLoraModel` with an equal config it is returned unchanged; a different
+    config is an error (``unload()`` first) rather than a second, stacked set of adapters.
+    """
+    if isinstance(model, MtLoraModel):
+        if model.mtlora_config.to_dict() == MtLoraConfig.from_dict(
+            {**config.to_dict(), "base_model_name_or_path": model.mtlora_config.base_model_name_or_path}
+        ).to_dict():
+            return model
+        raise PlacementError("the model already has mtlora adapters with a different config; unload() it first")
+    return MtLoraModel(model, config)

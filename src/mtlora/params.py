@@ -1,0 +1,75 @@
+"""Parameter counting on the ``meta`` device: exact counts for 7B/13B models without any weights.
+
+``mtlora params --model_name_or_path DIR --method M [adapter flags]`` where DIR needs only a ``config.json``
+prints ``trainable_params=<int> total_params=<int> percent=<float>``; ``percent`` is trainable / (base +
+trainable) x 100, the convention of the paper's tables (e.g. HydraLoRA q,v on LLaMA-2-7B: 75,497,472 = 1.108%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from mtlora.config import MtLoraConfig, adapter_argument_parser
+from mtlora.errors import MtLoraError
+
+
+def _resolve(name_or_path: str) -> str:
+    try:
+        from mtlora.hub import resolve_model_path
+    except ImportError:  # pragma: no cover - hub module is always shipped
+        return name_or_path
+    return resolve_model_path(name_or_path)
+
+
+def build_meta_model(model_name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """Instantiate a causal LM from its config on the meta device (no memory, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = _resolve(str(model_name_or_path))
+    if os.path.isdir(path) and not (Path(path) / "config.json").is_file():
+        raise MtLoraError(f"--model_name_or_path {path}: no config.json in this directory")
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise MtLoraError(f"--model_name_or_path {path}: cannot load a model config ({exc})") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+
+
+def count_parameters(model_name_or_path: str | os.PathLike[str], config: MtLoraConfig) -> tuple[int, int]:
+    """(trainable adapter parameters, base + trainable parameters) for ``config`` on that model."""
+    from mtlora.model import MtLoraModel
+
+    base = build_meta_model(model_name_or_path)
+    base_count = sum(p.numel() for p in base.parameters())
+    model = MtLoraModel(base, config)
+    trainable = sum(p.numel() for a in model.adapters() for p in a.parameters())
+    return trainable, base_count + trainable
+
+
+def parse_adapter_args(argv: list[str], prog: str) -> tuple[MtLoraConfig, argparse.Namespace]:
+    """Split ``argv`` into the adapter flags (an :class:`MtLoraConfig`) and ``--model_name_or_path``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model_name_or_path", required=True, help="model dir/hub id; only config.json is read")
+    pre.add_argument("--trainable", default=None, help="alias of --target_modules (the paper's flag)")
+    parser = adapter_argument_parser(prog, description=__doc__, parents=[pre])
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        raise SystemExit(0)
+    ns, rest = pre.parse_known_args(argv)
+    (config,) = adapter_argument_parser(prog).parse_args_into_dataclasses(args=rest)
+    if ns.trainable:
+        config.target_modules = [t.strip() for t in ns.trainable.split(",") if t.strip()]
+        config.validate()
+    return config, ns
+
+
+def main(argv: list[str]) -> int:
+    config, ns = parse_adapter_args(argv, "mtlora params")
+    trainable, total = count_parameters(ns.model_name_or_path, config)
+    print(f"trainable_params={trainable} total_params={total} percent={100.0 * trainable / total:.4f}")
+    return 0

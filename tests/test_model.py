@@ -1,0 +1,230 @@
+"""The parametrised matrix: method x placement x router x architecture over tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ARCHS, tiny_model
+
+from mtlora import MtLoraConfig, MtLoraModel, get_mtlora_model
+from mtlora.errors import CheckpointError, ConfigError, PlacementError
+
+# (id, config kwargs). Ranks/experts small so every case runs in well under a second.
+VARIANTS = [
+    ("lora", dict(method="lora", lora_rank=4)),
+    ("hydralora", dict(method="hydralora", lora_rank=4, lora_nums=3)),
+    ("mmoelora", dict(method="mmoelora", lora_rank=4, expert_num=2, task_num=3)),
+    ("comp_fgr", dict(method="mtlora", lora_rank=4, lora_nums=3, enable_fine_grained_routing=True, routing_group_size=16)),
+    ("comp_topk", dict(method="mtlora", lora_rank=4, lora_nums=4, router_top_k=2, enable_blc=True)),
+    ("block_ffn", dict(method="mtlora", lora_rank=4, lora_nums=3, enable_block_adapter=True, block_adapter_type="ffn")),
+    (
+        "block_attn_fgr",
+        dict(
+            method="mtlora", lora_rank=4, lora_nums=3, enable_block_adapter=True, block_adapter_type="attention",
+            enable_fine_grained_routing=True, routing_group_size=32, enable_blc=True,
+        ),
+    ),
+    (
+        "block_both_bottleneck",
+        dict(method="mtlora", lora_rank=4, lora_nums=2, enable_block_adapter=True, block_adapter_type="both", block_adapter_style="bottleneck"),
+    ),
+    ("block_lora_e1", dict(method="lora", lora_rank=4, enable_block_adapter=False)),
+]
+MATRIX = [(a, v) for a in ARCHS for v in VARIANTS]
+
+
+def _inputs(cfg: MtLoraConfig) -> dict:
+    torch.manual_seed(1)
+    kw = {"input_ids": torch.randint(3, 128, (2, 6)), "attention_mask": torch.tensor([[1] * 6, [0, 0] + [1] * 4])}
+    if cfg.method == "mmoelora":
+        kw["task_ids"] = torch.tensor([0, 2])
+    return kw
+
+
+def _randomize(model: MtLoraModel) -> None:
+    torch.manual_seed(2)
+    for a in model.adapters():
+        torch.nn.init.normal_(a.lora_B, std=0.2)
+
+
+@pytest.mark.parametrize("arch,variant", MATRIX, ids=[f"{a}-{v[0]}" for a, v in MATRIX])
+def test_matrix(arch: str, variant: tuple[str, dict], tmp_path) -> None:
+    name, kwargs = variant
+    base = tiny_model(arch)
+    cfg = MtLoraConfig(**kwargs)
+    inputs = _inputs(cfg)
+    base_inputs = {k: v for k, v in inputs.items() if k != "task_ids"}
+    with torch.no_grad():
+        ref = base(**base_inputs).logits
+
+    model = get_mtlora_model(base, cfg)
+    assert get_mtlora_model(model, MtLoraConfig(**kwargs)) is model  # idempotent
+    with pytest.raises(PlacementError):
+        MtLoraModel(base, cfg)  # never a second, stacked set of adapters
+
+    # 1. init equals base (exactly: B = 0 gives an exact zero delta)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
+
+    # 2. gradients reach exactly the trainable parameters (all adapter params, no base param)
+    _randomize(model)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        if ".mtlora." in n:
+            assert p.requires_grad and p.grad is not None and torch.count_nonzero(p.grad) > 0, n
+        else:
+            assert not p.requires_grad and p.grad is None, n
+    if cfg.enable_blc:
+        assert out.balance_loss is not None and torch.isfinite(out.balance_loss)
+        torch.testing.assert_close(out.loss, out.task_loss + cfg.blc_alpha * out.balance_loss)
+    model.eval()
+
+    # 3. the adapter changes the output; disable_adapters gives the base back exactly
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        assert (adapted - ref).abs().max() > 1e-4
+        with model.disable_adapters():
+            torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
+
+    # 4. save -> load round trip reproduces logits exactly
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["method"] == cfg.method and saved["peft_type"] == "MTLORA"
+    restored_base = model.unload()
+    with torch.no_grad():
+        torch.testing.assert_close(restored_base(**base_inputs).logits, ref, atol=0, rtol=0)  # 5. unload
+    assert all(p.requires_grad for p in restored_base.parameters())  # requires_grad restored
+    assert not any(".mtlora." in n for n, _ in restored_base.named_parameters())
+
+    reloaded = MtLoraModel.from_pretrained(tiny_model(arch), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, adapted, atol=0, rtol=0)
+
+
+def test_block_ffn_adds_delta_of_normalized_input() -> None:
+    """x' = x + F(LN(x)) + Delta(LN(x)): layer-0 output moves by exactly Delta(post_attention_layernorm(h))."""
+    base = tiny_model("llama")
+    model = get_mtlora_model(base, MtLoraConfig(method="mtlora", lora_rank=4, lora_nums=2, enable_block_adapter=True))
+    _randomize(model)
+    ids = torch.randint(3, 128, (1, 5))
+    seen = {}
+    layer0 = base.model.layers[0]
+    h1 = layer0.post_attention_layernorm.register_forward_hook(lambda m, a, o: seen.__setitem__("ln", o))
+    h2 = layer0.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o))
+    assert not model.training and not layer0.mlp.mtlora.training  # follows the base model's eval mode
+    with torch.no_grad():
+        with model.disable_adapters():
+            model(input_ids=ids)
+        before = seen["out"]
+        model(input_ids=ids)
+        after = seen["out"]
+        delta = layer0.mlp.mtlora(seen["ln"])
+    h1.remove()
+    h2.remove()
+    torch.testing.assert_close(after - before, delta, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_and_unload_single_expert() -> None:
+    base = tiny_model("llama")
+    model = get_mtlora_model(base, MtLoraConfig(method="lora", lora_rank=4, target_modules="q_proj,v_proj,down_proj"))
+    _randomize(model)
+    ids = torch.randint(3, 128, (2, 6))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_refuses_routed_and_block() -> None:
+    for kw in (dict(method="hydralora", lora_nums=2), dict(method="mtlora", lora_nums=2, enable_block_adapter=True)):
+        model = get_mtlora_model(tiny_model("llama"), MtLoraConfig(lora_rank=4, **kw))
+        with pytest.raises(Exception, match="cannot be merged"):
+            model.merge_and_unload()
+
+
+def test_reapply_after_unload_and_different_config() -> None:
+    base = tiny_model("llama")
+    m1 = get_mtlora_model(base, MtLoraConfig(method="hydralora", lora_rank=4, lora_nums=2))
+    with pytest.raises(PlacementError, match="different config"):
+        get_mtlora_model(m1, MtLoraConfig(method="hydralora", lora_rank=8, lora_nums=2))
+    m1.unload()
+    m2 = get_mtlora_model(base, MtLoraConfig(method="mtlora", lora_rank=4, lora_nums=2, enable_block_adapter=True))
+    assert len(list(m2.adapters())) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="nope"), "method"),
+        (dict(lora_rank=0), "lora_rank"),
+        (dict(lora_dropout=1.5), "lora_dropout"),
+        (dict(block_adapter_type="mlp"), "block_adapter_type"),
+        (dict(method="hydralora", enable_block_adapter=True), "use --method mtlora"),
+        (dict(method="mmoelora", lora_rank=6, expert_num=4), "divisible by expert_num"),
+        (dict(method="lora", enable_blc=True), "more than one expert"),
+        (dict(enable_block_adapter=True, target_modules="q_proj"), "target_modules"),
+        (dict(router_top_k=99), "router_top_k"),
+        (dict(spectral_reg_mode="fancy"), "spectral_reg_mode"),
+    ],
+)
+def test_bad_configs_raise(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        MtLoraConfig(**kwargs)
+
+
+def test_bad_placements_raise() -> None:
+    base = tiny_model("llama")
+    with pytest.raises(PlacementError, match="no nn.Linear .* matches target_modules=\\['wq'\\].*q_proj"):
+        get_mtlora_model(base, MtLoraConfig(method="lora", target_modules="wq"))
+    with pytest.raises(PlacementError, match="'model.layers.0.input_layernorm' is a LlamaRMSNorm"):
+        get_mtlora_model(base, MtLoraConfig(method="lora", target_modules="input_layernorm"))
+    with pytest.raises(ConfigError, match="does not divide the output size 64 of model.layers.0.self_attn.q_proj"):
+        get_mtlora_model(base, MtLoraConfig(lora_nums=2, enable_fine_grained_routing=True, routing_group_size=48))
+    assert not any(".mtlora." in n for n, _ in base.named_parameters())  # failed injection left nothing behind
+    with pytest.raises(PlacementError, match="cannot place block adapters into Sequential"):
+        MtLoraModel(torch.nn.Sequential(torch.nn.Linear(4, 4)), MtLoraConfig(lora_nums=2, enable_block_adapter=True))
+    with pytest.raises(Exception, match="task_num"):
+        get_mtlora_model(base, MtLoraConfig(method="mmoelora", lora_rank=4, expert_num=2))
+
+
+def test_load_checks_keys_and_shapes(tmp_path) -> None:
+    model = get_mtlora_model(tiny_model("llama"), MtLoraConfig(method="hydralora", lora_rank=4, lora_nums=2))
+    model.save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cfg["lora_rank"] = 8
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for 'model.layers.0.self_attn.q_proj.mtlora.lora_A': checkpoint \(4, 64\) vs model \(8, 64\)"):
+        MtLoraModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+    cfg["lora_rank"], cfg["target_modules"] = 4, ["q_proj"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unexpected key .*v_proj"):
+        MtLoraModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+    cfg["target_modules"] = ["q_proj", "v_proj", "k_proj"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing key .*k_proj"):
+        MtLoraModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+    cfg["bogus_field"] = 1
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unknown field.*bogus_field"):
+        MtLoraModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+    with pytest.raises(CheckpointError, match="not found"):
+        MtLoraModel.from_pretrained(tiny_model("llama"), tmp_path / "missing")
+
+
+def test_generate_with_task_ids() -> None:
+    base = tiny_model("llama")
+    model = get_mtlora_model(base, MtLoraConfig(method="mmoelora", lora_rank=4, expert_num=2, task_num=2))
+    _randomize(model)
+    ids = torch.randint(3, 128, (2, 4))
+    out_a = model.generate(input_ids=ids, task_ids=torch.tensor([0, 0]), max_new_tokens=5, do_sample=False)
+    out_beam = model.generate(input_ids=ids, task_ids=[0, 1], max_new_tokens=3, num_beams=2, do_sample=False)
+    assert out_a.shape == (2, 9) and out_beam.shape == (2, 7)
+    with pytest.raises(Exception, match="task_ids"):
+        model.generate(input_ids=ids, max_new_tokens=2)
