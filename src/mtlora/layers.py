@@ -42,8 +42,10 @@ from mtlora.routing import TaskRouter, TokenRouter
 class RoutingState:
     """Per-model mutable state shared by all adapter modules of one wrapped model.
 
-    The wrapper (:class:`mtlora.model.MtLoraModel`) fills it around each forward/generate call, which is how
-    task ids and the attention mask reach every adapted module without changing any library signature.
+    The wrapper (:class:`mtlora.model.MtLoraModel`) sets it at the start of each forward/generate call, which
+    is how task ids and the attention mask reach every adapted module without changing any library
+    signature. The values stay until the next call so that a checkpointed layer recomputed during backward
+    sees exactly what its original forward saw. ``collect_balance`` is a static switch (``enable_blc``).
     """
 
     enabled: bool = True
@@ -154,8 +156,14 @@ class MultiExpertLoRA(nn.Module):
         return self.router(task_ids, batch, tokens)
 
     def _record(self, probs: torch.Tensor, batch_shape: tuple[int, ...]) -> None:
+        """Append this layer's balance term (training only) and, if asked, detached routing statistics.
+
+        What is computed depends only on static flags, the module's mode and the routing state, never on
+        whether we are inside a checkpoint recomputation: non-reentrant checkpointing requires the recomputed
+        forward to save exactly the same tensors as the original one.
+        """
         st = self.state
-        if not (st.collect_balance or st.collect_stats) or self.router_kind != "token":
+        if self.router_kind != "token" or not ((st.collect_balance and self.training) or st.collect_stats):
             return
         p = probs.mean(dim=1)  # (N, E): average over groups, as the paper does
         mask = st.attention_mask
@@ -164,11 +172,12 @@ class MultiExpertLoRA(nn.Module):
             mean_p = (p * w).sum(0) / w.sum().clamp_min(1.0)
         else:
             mean_p = p.mean(0)
-        if st.collect_balance and torch.is_grad_enabled():
+        if st.collect_balance and self.training:
             st.balance_terms.append(cv_squared(mean_p))
         if st.collect_stats:
-            ent = -(probs * probs.clamp_min(1e-10).log()).sum(-1).mean()
-            st.stats[self.name] = {"mean_probs": mean_p.detach(), "entropy": ent.detach()}
+            with torch.no_grad():
+                ent = -(probs * probs.clamp_min(1e-10).log()).sum(-1).mean()
+                st.stats[self.name] = {"mean_probs": mean_p.detach(), "entropy": ent}
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ class MtLoraModel(nn.Module):
             )
         self.base_model = base_model
         self.mtlora_config = config
-        self.routing_state = RoutingState()
+        self.routing_state = RoutingState(collect_balance=bool(config.enable_blc and config.blc_alpha > 0))
         self._requires_grad_backup = {n: p.requires_grad for n, p in base_model.named_parameters()}
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(base_model, "config", None), "_name_or_path", None)
@@ -181,30 +181,22 @@ class MtLoraModel(nn.Module):
             return getattr(self.base_model, name)
 
     # ------------------------------------------------------------------ forward / generate
-    @contextlib.contextmanager
-    def _routing(self, task_ids: Any, attention_mask: torch.Tensor | None, balance: bool) -> Iterator[None]:
+    def _set_routing(self, task_ids: Any, attention_mask: torch.Tensor | None) -> None:
+        """Publish this call's task ids / mask to every adapter (kept until the next call, see RoutingState)."""
         st = self.routing_state
         if task_ids is not None and not isinstance(task_ids, torch.Tensor):
             task_ids = torch.as_tensor(task_ids, dtype=torch.long)
         st.task_ids = task_ids
         st.attention_mask = attention_mask if self.mtlora_config.blc_ignore_padding else None
-        st.collect_balance = balance
         st.balance_terms = []
-        try:
-            yield
-        finally:
-            st.task_ids = None
-            st.attention_mask = None
-            st.collect_balance = False
 
     def forward(self, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Forward of the base model; ``task_ids`` (B,) routes MMoELoRA; adds the balance loss when training."""
         cfg = self.mtlora_config
-        balance = bool(self.training and cfg.enable_blc and cfg.blc_alpha > 0)
-        with self._routing(task_ids, kwargs.get("attention_mask"), balance):
-            out = self.base_model(*args, **kwargs)
-            terms = list(self.routing_state.balance_terms)
-        if balance:
+        self._set_routing(task_ids, kwargs.get("attention_mask"))
+        out = self.base_model(*args, **kwargs)
+        terms = list(self.routing_state.balance_terms)
+        if self.training and self.routing_state.collect_balance:
             bl = balance_loss(terms)
             if bl is not None and torch.is_grad_enabled() and not bl.requires_grad:
                 raise MtLoraError(
@@ -222,16 +214,26 @@ class MtLoraModel(nn.Module):
         return out
 
     def generate(self, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        with self._routing(task_ids, None, False):
-            return self.base_model.generate(*args, **kwargs)
+        self._set_routing(task_ids, None)
+        return self.base_model.generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        """Enable gradient checkpointing, non-reentrant (the reentrant variant kills the balance loss gradient)."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Enable activation checkpointing, always non-reentrant.
+
+        The reentrant variant runs the checkpointed forward under ``no_grad``, which silently removed the
+        balance loss's gradient in the released code; we refuse it rather than reproduce that.
+        """
         kw = dict(gradient_checkpointing_kwargs or {})
         if kw.get("use_reentrant", False):
             raise MtLoraError("reentrant gradient checkpointing drops the balance-loss gradient; use use_reentrant=False")
         kw["use_reentrant"] = False
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self.base_model.activation_checkpointing_enable(kw, **kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:

@@ -1,0 +1,55 @@
+"""Worker for the 2-process DDP test (gloo, CPU). Kept importable so torch.multiprocessing can spawn it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from mtlora import MtLoraConfig, get_mtlora_model
+from mtlora.losses import SpectralRegularizer
+
+CFG = dict(
+    method="mtlora", lora_rank=4, lora_nums=4, lora_dropout=0.0, enable_blc=True, blc_alpha=0.5,
+    enable_block_adapter=True, enable_fine_grained_routing=True, routing_group_size=32,
+    enable_spectral_reg=True, spectral_reg_lambda=0.3,
+)
+
+
+def build():
+    from conftest import tiny_model
+
+    model = get_mtlora_model(tiny_model("llama"), MtLoraConfig(**CFG))
+    torch.manual_seed(5)
+    for a in model.adapters():
+        torch.nn.init.normal_(a.lora_B, std=0.2)
+    model.train()
+    model.gradient_checkpointing_enable()
+    return model
+
+
+def batch():
+    torch.manual_seed(6)
+    return torch.randint(3, 128, (4, 8))
+
+
+def loss_for(model, ids, reg, inner=None):
+    out = model(input_ids=ids, labels=ids)
+    spec = reg(inner or model, global_step=0)
+    return out.loss + spec
+
+
+def run(rank: int, world: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = build()
+        reg = SpectralRegularizer(model.mtlora_config)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ids = batch().chunk(world)[rank]
+        loss_for(ddp, ids, reg, inner=model).backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_file)
+    finally:
+        dist.destroy_process_group()
+    os.environ.pop("MASTER_ADDR", None)
