@@ -16,10 +16,11 @@ demo: $(STAMP)
 	$(BIN)/mtlora demo --output_dir demo_out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks *.py
+	$(BIN)/ruff format --check src tests benchmarks *.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/layer_speed.py --quick

@@ -113,11 +113,15 @@ class MultiExpertLoRA(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, b_experts, b_rank, device=device, dtype=dtype))
         self.router: nn.Module | None
         if router == "token":
-            self.router = TokenRouter(in_features, num_experts, self.num_groups, top_k, device=device, dtype=dtype)
+            self.router = TokenRouter(
+                in_features, num_experts, self.num_groups, top_k, device=device, dtype=dtype
+            )
         elif router == "task":
             if not task_num:
                 raise MtLoraError("mmoelora needs task_num (number of tasks) to build the task gate")
-            self.router = TaskRouter(task_num, num_experts, task_embedding_dim, top_k, device=device, dtype=dtype)
+            self.router = TaskRouter(
+                task_num, num_experts, task_embedding_dim, top_k, device=device, dtype=dtype
+            )
         else:
             self.router = None
         self.bottleneck_init = bottleneck_init
@@ -163,21 +167,23 @@ class MultiExpertLoRA(nn.Module):
         forward to save exactly the same tensors as the original one.
         """
         st = self.state
-        if self.router_kind != "token" or not ((st.collect_balance and self.training) or st.collect_stats):
+        if self.router_kind != "token":
             return
-        p = probs.mean(dim=1)  # (N, E): average over groups, as the paper does
-        mask = st.attention_mask
-        if mask is not None and tuple(mask.shape) == tuple(batch_shape):
-            w = mask.reshape(-1, 1).to(p.dtype)
-            mean_p = (p * w).sum(0) / w.sum().clamp_min(1.0)
-        else:
-            mean_p = p.mean(0)
         if st.collect_balance and self.training:
-            st.balance_terms.append(cv_squared(mean_p))
-        if st.collect_stats:
+            st.balance_terms.append(cv_squared(self._mean_probs(probs, batch_shape)))
+        if st.collect_stats:  # toggled per call: must save nothing for backward (see above)
             with torch.no_grad():
                 ent = -(probs * probs.clamp_min(1e-10).log()).sum(-1).mean()
-                st.stats[self.name] = {"mean_probs": mean_p.detach(), "entropy": ent}
+                st.stats[self.name] = {"mean_probs": self._mean_probs(probs, batch_shape), "entropy": ent}
+
+    def _mean_probs(self, probs: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
+        """Mean routing distribution over tokens (real tokens only if a matching mask is set) and groups."""
+        p = probs.mean(dim=1)  # (N, E): average over groups, as the paper does
+        mask = self.state.attention_mask
+        if mask is not None and tuple(mask.shape) == tuple(batch_shape):
+            w = mask.reshape(-1, 1).to(p.dtype)
+            return (p * w).sum(0) / w.sum().clamp_min(1.0)
+        return p.mean(0)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

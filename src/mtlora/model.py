@@ -53,12 +53,20 @@ def _host_device(host: nn.Module) -> torch.device:
 
 
 def _build_adapter(
-    config: MtLoraConfig, name: str, d_in: int, d_out: int, state: RoutingState, device: torch.device, block: bool
+    config: MtLoraConfig,
+    name: str,
+    d_in: int,
+    d_out: int,
+    state: RoutingState,
+    device: torch.device,
+    block: bool,
 ) -> MultiExpertLoRA:
     rank = config.effective_rank if block else config.lora_rank
     groups = 1
     if config.router_kind == "token":
-        groups = num_groups_for(d_out, config.routing_group_size, config.enable_fine_grained_routing, where=name)
+        groups = num_groups_for(
+            d_out, config.routing_group_size, config.enable_fine_grained_routing, where=name
+        )
     return MultiExpertLoRA(
         d_in,
         d_out,
@@ -80,6 +88,29 @@ def _build_adapter(
     )
 
 
+_OUTPUT_TYPES: dict[type, type] = {}
+_EXTRA_OUTPUT_FIELDS = ("task_loss", "balance_loss", "balance_loss_with_grad")
+
+
+def _with_balance_fields(out: Any, **extra: torch.Tensor) -> Any:
+    """Return ``out`` as a subclass of its ModelOutput type that also carries the balance-loss fields.
+
+    Adding undeclared keys to a ModelOutput breaks DDP, which flattens and rebuilds outputs as pytrees;
+    a declared dataclass subclass (created once per output type) round-trips cleanly.
+    """
+    import dataclasses
+
+    from transformers.utils import ModelOutput
+
+    cls = type(out)
+    if not isinstance(out, ModelOutput):
+        raise MtLoraError(f"the base model returned {cls.__name__}; the balance loss needs a ModelOutput (return_dict=True)")
+    if cls not in _OUTPUT_TYPES:
+        fields = [(name, torch.Tensor | None, dataclasses.field(default=None)) for name in _EXTRA_OUTPUT_FIELDS]
+        _OUTPUT_TYPES[cls] = dataclasses.make_dataclass(f"{cls.__name__}WithBalanceLoss", fields, bases=(cls,))
+    return _OUTPUT_TYPES[cls](**{k: v for k, v in out.items()}, **extra)
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """Write via a temporary file in the same directory and ``os.replace`` it (never a half-written file)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -98,6 +129,10 @@ def _atomic_write(path: Path, write: Any) -> None:
 class MtLoraModel(nn.Module):
     """A base causal LM plus mtlora adapters (see the module docstring)."""
 
+    # The HF Trainer must not pass ``num_items_in_batch``: the loss is a per-micro-batch mean plus auxiliary
+    # terms, all of which the Trainer then scales by 1/gradient_accumulation_steps.
+    accepts_loss_kwargs = False
+
     def __init__(self, base_model: nn.Module, config: MtLoraConfig) -> None:
         super().__init__()
         if isinstance(base_model, MtLoraModel):
@@ -113,7 +148,9 @@ class MtLoraModel(nn.Module):
         self.routing_state = RoutingState(collect_balance=bool(config.enable_blc and config.blc_alpha > 0))
         self._requires_grad_backup = {n: p.requires_grad for n, p in base_model.named_parameters()}
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(getattr(base_model, "config", None), "_name_or_path", None)
+            config.base_model_name_or_path = getattr(
+                getattr(base_model, "config", None), "_name_or_path", None
+            )
         self._inject()
         self._mark_trainable()
         self.train(base_model.training)
@@ -122,7 +159,9 @@ class MtLoraModel(nn.Module):
     def _inject(self) -> None:
         cfg, model = self.mtlora_config, self.base_model
         if cfg.router_kind == "task" and not cfg.task_num:
-            raise MtLoraError("mmoelora needs task_num (the number of tasks); set it or let training infer it from the data")
+            raise MtLoraError(
+                "mmoelora needs task_num (the number of tasks); set it or let training infer it from the data"
+            )
         hosts: list[tuple[str, nn.Module, int, int, bool]] = []
         if cfg.enable_block_adapter:
             block_hosts = find_block_hosts(model, cfg.block_adapter_type)
@@ -130,10 +169,15 @@ class MtLoraModel(nn.Module):
             hosts = [(n, m, d, d, True) for n, m in block_hosts]
         else:
             targets = cfg.target_modules or default_target_modules(model)
-            hosts = [(n, m, m.in_features, m.out_features, False) for n, m in find_component_targets(model, targets)]
+            hosts = [
+                (n, m, m.in_features, m.out_features, False)
+                for n, m in find_component_targets(model, targets)
+            ]
         try:
             for name, host, d_in, d_out, block in hosts:
-                adapter = _build_adapter(cfg, name, d_in, d_out, self.routing_state, _host_device(host), block)
+                adapter = _build_adapter(
+                    cfg, name, d_in, d_out, self.routing_state, _host_device(host), block
+                )
                 adapter.train(host.training)  # follow the model's mode (no dropout in an eval-mode model)
                 attach(host, adapter, block=block)
         except Exception:
@@ -205,19 +249,21 @@ class MtLoraModel(nn.Module):
                     "gradient_checkpointing_kwargs={'use_reentrant': False}"
                 )
             if bl is not None:
-                out["balance_loss"] = bl.detach()
                 if getattr(out, "loss", None) is not None:
-                    out["task_loss"] = out.loss.detach()
-                    out["loss"] = out.loss + cfg.blc_alpha * bl.to(out.loss.dtype)
+                    loss = out.loss + cfg.blc_alpha * bl.to(out.loss.dtype)
+                    out = _with_balance_fields(out, task_loss=out.loss.detach(), balance_loss=bl.detach())
+                    out["loss"] = loss
                 else:
-                    out["balance_loss_with_grad"] = bl
+                    out = _with_balance_fields(out, balance_loss=bl.detach(), balance_loss_with_grad=bl)
         return out
 
     def generate(self, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
         self._set_routing(task_ids, None)
         return self.base_model.generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         """Enable activation checkpointing, always non-reentrant.
 
         The reentrant variant runs the checkpointed forward under ``no_grad``, which silently removed the
@@ -225,14 +271,18 @@ class MtLoraModel(nn.Module):
         """
         kw = dict(gradient_checkpointing_kwargs or {})
         if kw.get("use_reentrant", False):
-            raise MtLoraError("reentrant gradient checkpointing drops the balance-loss gradient; use use_reentrant=False")
+            raise MtLoraError(
+                "reentrant gradient checkpointing drops the balance-loss gradient; use use_reentrant=False"
+            )
         kw["use_reentrant"] = False
         if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
             self.base_model.activation_checkpointing_enable(kw, **kwargs)
         else:
             self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     @contextlib.contextmanager
@@ -289,8 +339,13 @@ class MtLoraModel(nn.Module):
         cfg = self.mtlora_config.to_dict()
         cfg["mtlora_version"] = __version__
         cfg.update(extra_config)
-        _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "mtlora": __version__}))
-        _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
+        _atomic_write(
+            out / WEIGHTS_NAME,
+            lambda p: save_file(tensors, p, metadata={"format": "pt", "mtlora": __version__}),
+        )
+        _atomic_write(
+            out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        )
 
     def load_adapter_weights(self, path: str | os.PathLike[str]) -> None:
         """Load adapter tensors from a safetensors file, checking every key and shape strictly."""
@@ -305,7 +360,9 @@ class MtLoraModel(nn.Module):
         missing = sorted(set(expected) - set(loaded))
         unexpected = sorted(set(loaded) - set(expected))
         if missing:
-            raise CheckpointError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing) - adapter does not fit this model")
+            raise CheckpointError(
+                f"{path}: missing key {missing[0]!r} ({len(missing)} missing) - adapter does not fit this model"
+            )
         if unexpected:
             raise CheckpointError(
                 f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected) - adapter does not fit this model"
@@ -345,9 +402,14 @@ def get_mtlora_model(model: nn.Module, config: MtLoraConfig) -> MtLoraModel:
     config is an error (``unload()`` first) rather than a second, stacked set of adapters.
     """
     if isinstance(model, MtLoraModel):
-        if model.mtlora_config.to_dict() == MtLoraConfig.from_dict(
-            {**config.to_dict(), "base_model_name_or_path": model.mtlora_config.base_model_name_or_path}
-        ).to_dict():
+        if (
+            model.mtlora_config.to_dict()
+            == MtLoraConfig.from_dict(
+                {**config.to_dict(), "base_model_name_or_path": model.mtlora_config.base_model_name_or_path}
+            ).to_dict()
+        ):
             return model
-        raise PlacementError("the model already has mtlora adapters with a different config; unload() it first")
+        raise PlacementError(
+            "the model already has mtlora adapters with a different config; unload() it first"
+        )
     return MtLoraModel(model, config)

@@ -1,0 +1,1 @@
+"""Training: argument dataclasses, the Trainer subclass with the auxiliary losses, and the `train()` driver."""
