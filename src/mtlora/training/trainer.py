@@ -25,8 +25,15 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from mtlora.errors import ConfigError
 from mtlora.losses import SpectralRegularizer
 from mtlora.model import MtLoraModel
+
+
+def _zero_stage(args: Any) -> int | None:
+    ds = getattr(args, "hf_deepspeed_config", None)
+    cfg = getattr(ds, "config", None) if ds is not None else None
+    return cfg.get("zero_optimization", {}).get("stage") if isinstance(cfg, dict) else None
 
 
 def unwrap(model: torch.nn.Module) -> MtLoraModel:
@@ -48,6 +55,11 @@ class MtLoraTrainer(Trainer):
         self.spectral = (
             SpectralRegularizer(self.mtlora_config) if self.mtlora_config.enable_spectral_reg else None
         )
+        if self.spectral is not None and (self.is_fsdp_enabled or _zero_stage(self.args) == 3):
+            raise ConfigError(
+                "--enable_spectral_reg needs the full expert matrices on every rank; it supports a single device, "
+                "DDP and DeepSpeed ZeRO-1/2, not FSDP or ZeRO-3 (parameters are sharded there)"
+            )
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
 
