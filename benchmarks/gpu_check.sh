@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One prepared GPU check (< 8 minutes on a single H200): bf16, random-initialised weights, no downloads.
+#   1. layer_speed at full shapes (d=4096, r=16, E=16, 2048 tokens; scalar and FGR) on CUDA
+#   2. train_step on a LLaMA-2-7B-shaped model (32 layers): lora, hydralora (q,v), block-FFN+FGR, full mtLoRA
+#   3. eval throughput (MMLU harness protocol on the bundled tiny model, GPU path)
+# Results land in benchmarks/results/*.json (and $OUT when run through the device tool).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUTDIR=${OUT:-benchmarks/results}
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -d src ] && ! $PY -c "import mtlora" 2>/dev/null; then export PYTHONPATH=$PWD/src:${PYTHONPATH:-}; fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+
+echo "== layer_speed (cuda, bf16)"
+timeout 150 $PY benchmarks/layer_speed.py --device cuda --dtype bfloat16 --out "$OUTDIR/layer_speed_cuda.json" || echo "layer_speed failed: $?"
+
+echo "== train_step (LLaMA-2-7B shape, 32 layers, bf16, 2 x 1024 tokens)"
+timeout 240 $PY benchmarks/train_step.py --device cuda --dtype bfloat16 --layers 32 --batch 2 --tokens 1024 \
+  --vocab 32000 --repeats 5 --methods lora,hydralora,block_ffn_fgr,mtlora_full \
+  --out "$OUTDIR/train_step_cuda.json" || echo "train_step failed: $?"
+
+echo "== eval throughput (cuda)"
+if [ -f benchmarks/eval_speed.py ]; then
+  timeout 90 $PY benchmarks/eval_speed.py --device cuda --out "$OUTDIR/eval_speed_cuda.json" || echo "eval_speed failed: $?"
+fi
+ls -l "$OUTDIR"
