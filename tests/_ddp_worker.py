@@ -11,9 +11,17 @@ from mtlora import MtLoraConfig, get_mtlora_model
 from mtlora.losses import SpectralRegularizer
 
 CFG = dict(
-    method="mtlora", lora_rank=4, lora_nums=4, lora_dropout=0.0, enable_blc=True, blc_alpha=0.5,
-    enable_block_adapter=True, enable_fine_grained_routing=True, routing_group_size=32,
-    enable_spectral_reg=True, spectral_reg_lambda=0.3,
+    method="mtlora",
+    lora_rank=4,
+    lora_nums=4,
+    lora_dropout=0.0,
+    enable_blc=True,
+    blc_alpha=0.5,
+    enable_block_adapter=True,
+    enable_fine_grained_routing=True,
+    routing_group_size=32,
+    enable_spectral_reg=True,
+    spectral_reg_lambda=0.3,
 )
 
 

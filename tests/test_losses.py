@@ -14,7 +14,9 @@ from mtlora.losses import SpectralRegularizer, expert_matrices, spectral_term, s
 
 
 def _blc_model(**kw):
-    cfg = MtLoraConfig(method="mtlora", lora_rank=4, lora_nums=4, lora_dropout=0.0, enable_blc=True, blc_alpha=0.5, **kw)
+    cfg = MtLoraConfig(
+        method="mtlora", lora_rank=4, lora_nums=4, lora_dropout=0.0, enable_blc=True, blc_alpha=0.5, **kw
+    )
     model = get_mtlora_model(tiny_model("llama"), cfg)
     torch.manual_seed(3)
     for a in model.adapters():
@@ -76,8 +78,13 @@ def test_balance_loss_in_model_loss_and_padding() -> None:
 # ----------------------------------------------------------------------------- spectral regularizer
 def _spectral_model(mode: str, **kw):
     cfg = MtLoraConfig(
-        method="mtlora", lora_rank=4, lora_nums=20, enable_spectral_reg=True, spectral_reg_lambda=0.5,
-        spectral_reg_mode=mode, **kw,
+        method="mtlora",
+        lora_rank=4,
+        lora_nums=20,
+        enable_spectral_reg=True,
+        spectral_reg_lambda=0.5,
+        spectral_reg_mode=mode,
+        **kw,
     )
     model = get_mtlora_model(tiny_model("llama"), cfg)
     torch.manual_seed(4)
@@ -132,7 +139,9 @@ def test_paper_mode_trigger_schedule() -> None:
                 fired.append((step, micro))
     assert fired == [(2, 0), (5, 0), (8, 0)]
     # epoch mode (no steps): fires at step 0 of each epoch, where B=0 at init makes it a no-op
-    cfg = MtLoraConfig(method="mtlora", lora_rank=4, lora_nums=2, enable_spectral_reg=True, spectral_reg_mode="paper")
+    cfg = MtLoraConfig(
+        method="mtlora", lora_rank=4, lora_nums=2, enable_spectral_reg=True, spectral_reg_mode="paper"
+    )
     fresh = get_mtlora_model(tiny_model("llama"), cfg)
     reg = SpectralRegularizer(cfg)
     loss0 = reg(fresh, global_step=0, epoch=0.0)
@@ -154,7 +163,9 @@ def test_spectral_mode_is_weighted_singular_value_penalty() -> None:
         w = torch.exp(-sv / (sv.mean() + 1e-8))
         s2 = (B**2).sum() / B.shape[1]
         expected += float((w**4 * (sv**2 - s2) ** 2).sum())
-    torch.testing.assert_close(got.double(), torch.tensor(0.5 * expected / len(mats), dtype=torch.double), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        got.double(), torch.tensor(0.5 * expected / len(mats), dtype=torch.double), rtol=1e-4, atol=1e-7
+    )
     assert got.requires_grad
     # applies on every call; weights refreshed only every spectral_reg_steps
     assert reg(model, global_step=0) is not None and reg(model, global_step=1) is not None

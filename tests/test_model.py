@@ -16,19 +16,40 @@ VARIANTS = [
     ("lora", dict(method="lora", lora_rank=4)),
     ("hydralora", dict(method="hydralora", lora_rank=4, lora_nums=3)),
     ("mmoelora", dict(method="mmoelora", lora_rank=4, expert_num=2, task_num=3)),
-    ("comp_fgr", dict(method="mtlora", lora_rank=4, lora_nums=3, enable_fine_grained_routing=True, routing_group_size=16)),
+    (
+        "comp_fgr",
+        dict(
+            method="mtlora", lora_rank=4, lora_nums=3, enable_fine_grained_routing=True, routing_group_size=16
+        ),
+    ),
     ("comp_topk", dict(method="mtlora", lora_rank=4, lora_nums=4, router_top_k=2, enable_blc=True)),
-    ("block_ffn", dict(method="mtlora", lora_rank=4, lora_nums=3, enable_block_adapter=True, block_adapter_type="ffn")),
+    (
+        "block_ffn",
+        dict(method="mtlora", lora_rank=4, lora_nums=3, enable_block_adapter=True, block_adapter_type="ffn"),
+    ),
     (
         "block_attn_fgr",
         dict(
-            method="mtlora", lora_rank=4, lora_nums=3, enable_block_adapter=True, block_adapter_type="attention",
-            enable_fine_grained_routing=True, routing_group_size=32, enable_blc=True,
+            method="mtlora",
+            lora_rank=4,
+            lora_nums=3,
+            enable_block_adapter=True,
+            block_adapter_type="attention",
+            enable_fine_grained_routing=True,
+            routing_group_size=32,
+            enable_blc=True,
         ),
     ),
     (
         "block_both_bottleneck",
-        dict(method="mtlora", lora_rank=4, lora_nums=2, enable_block_adapter=True, block_adapter_type="both", block_adapter_style="bottleneck"),
+        dict(
+            method="mtlora",
+            lora_rank=4,
+            lora_nums=2,
+            enable_block_adapter=True,
+            block_adapter_type="both",
+            block_adapter_style="bottleneck",
+        ),
     ),
     ("block_lora_e1", dict(method="lora", lora_rank=4, enable_block_adapter=False)),
 ]
@@ -37,7 +58,10 @@ MATRIX = [(a, v) for a in ARCHS for v in VARIANTS]
 
 def _inputs(cfg: MtLoraConfig) -> dict:
     torch.manual_seed(1)
-    kw = {"input_ids": torch.randint(3, 128, (2, 6)), "attention_mask": torch.tensor([[1] * 6, [0, 0] + [1] * 4])}
+    kw = {
+        "input_ids": torch.randint(3, 128, (2, 6)),
+        "attention_mask": torch.tensor([[1] * 6, [0, 0] + [1] * 4]),
+    }
     if cfg.method == "mmoelora":
         kw["task_ids"] = torch.tensor([0, 2])
     return kw
@@ -111,13 +135,17 @@ def test_matrix(arch: str, variant: tuple[str, dict], tmp_path) -> None:
 def test_block_ffn_adds_delta_of_normalized_input() -> None:
     """x' = x + F(LN(x)) + Delta(LN(x)): layer-0 output moves by exactly Delta(post_attention_layernorm(h))."""
     base = tiny_model("llama")
-    model = get_mtlora_model(base, MtLoraConfig(method="mtlora", lora_rank=4, lora_nums=2, enable_block_adapter=True))
+    model = get_mtlora_model(
+        base, MtLoraConfig(method="mtlora", lora_rank=4, lora_nums=2, enable_block_adapter=True)
+    )
     _randomize(model)
     ids = torch.randint(3, 128, (1, 5))
     seen = {}
     layer0 = base.model.layers[0]
     h1 = layer0.post_attention_layernorm.register_forward_hook(lambda m, a, o: seen.__setitem__("ln", o))
-    h2 = layer0.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o))
+    h2 = layer0.register_forward_hook(
+        lambda m, a, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o)
+    )
     assert not model.training and not layer0.mlp.mtlora.training  # follows the base model's eval mode
     with torch.no_grad():
         with model.disable_adapters():
@@ -133,7 +161,9 @@ def test_block_ffn_adds_delta_of_normalized_input() -> None:
 
 def test_merge_and_unload_single_expert() -> None:
     base = tiny_model("llama")
-    model = get_mtlora_model(base, MtLoraConfig(method="lora", lora_rank=4, target_modules="q_proj,v_proj,down_proj"))
+    model = get_mtlora_model(
+        base, MtLoraConfig(method="lora", lora_rank=4, target_modules="q_proj,v_proj,down_proj")
+    )
     _randomize(model)
     ids = torch.randint(3, 128, (2, 6))
     with torch.no_grad():
@@ -143,7 +173,10 @@ def test_merge_and_unload_single_expert() -> None:
 
 
 def test_merge_refuses_routed_and_block() -> None:
-    for kw in (dict(method="hydralora", lora_nums=2), dict(method="mtlora", lora_nums=2, enable_block_adapter=True)):
+    for kw in (
+        dict(method="hydralora", lora_nums=2),
+        dict(method="mtlora", lora_nums=2, enable_block_adapter=True),
+    ):
         model = get_mtlora_model(tiny_model("llama"), MtLoraConfig(lora_rank=4, **kw))
         with pytest.raises(Exception, match="cannot be merged"):
             model.merge_and_unload()
@@ -155,7 +188,9 @@ def test_reapply_after_unload_and_different_config() -> None:
     with pytest.raises(PlacementError, match="different config"):
         get_mtlora_model(m1, MtLoraConfig(method="hydralora", lora_rank=8, lora_nums=2))
     m1.unload()
-    m2 = get_mtlora_model(base, MtLoraConfig(method="mtlora", lora_rank=4, lora_nums=2, enable_block_adapter=True))
+    m2 = get_mtlora_model(
+        base, MtLoraConfig(method="mtlora", lora_rank=4, lora_nums=2, enable_block_adapter=True)
+    )
     assert len(list(m2.adapters())) == 2
 
 
@@ -185,11 +220,19 @@ def test_bad_placements_raise() -> None:
         get_mtlora_model(base, MtLoraConfig(method="lora", target_modules="wq"))
     with pytest.raises(PlacementError, match="'model.layers.0.input_layernorm' is a LlamaRMSNorm"):
         get_mtlora_model(base, MtLoraConfig(method="lora", target_modules="input_layernorm"))
-    with pytest.raises(ConfigError, match="does not divide the output size 64 of model.layers.0.self_attn.q_proj"):
-        get_mtlora_model(base, MtLoraConfig(lora_nums=2, enable_fine_grained_routing=True, routing_group_size=48))
-    assert not any(".mtlora." in n for n, _ in base.named_parameters())  # failed injection left nothing behind
+    with pytest.raises(
+        ConfigError, match="does not divide the output size 64 of model.layers.0.self_attn.q_proj"
+    ):
+        get_mtlora_model(
+            base, MtLoraConfig(lora_nums=2, enable_fine_grained_routing=True, routing_group_size=48)
+        )
+    assert not any(
+        ".mtlora." in n for n, _ in base.named_parameters()
+    )  # failed injection left nothing behind
     with pytest.raises(PlacementError, match="cannot place block adapters into Sequential"):
-        MtLoraModel(torch.nn.Sequential(torch.nn.Linear(4, 4)), MtLoraConfig(lora_nums=2, enable_block_adapter=True))
+        MtLoraModel(
+            torch.nn.Sequential(torch.nn.Linear(4, 4)), MtLoraConfig(lora_nums=2, enable_block_adapter=True)
+        )
     with pytest.raises(Exception, match="task_num"):
         get_mtlora_model(base, MtLoraConfig(method="mmoelora", lora_rank=4, expert_num=2))
 
@@ -200,7 +243,10 @@ def test_load_checks_keys_and_shapes(tmp_path) -> None:
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     cfg["lora_rank"] = 8
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"shape mismatch for 'model.layers.0.self_attn.q_proj.mtlora.lora_A': checkpoint \(4, 64\) vs model \(8, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatch for 'model.layers.0.self_attn.q_proj.mtlora.lora_A': checkpoint \(4, 64\) vs model \(8, 64\)",
+    ):
         MtLoraModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
     cfg["lora_rank"], cfg["target_modules"] = 4, ["q_proj"]
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))

@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            print(f"error: command {name!r} is not available in this build ({module_name} missing)", file=sys.stderr)
+            print(
+                f"error: command {name!r} is not available in this build ({module_name} missing)",
+                file=sys.stderr,
+            )
             return 2
         raise
     return run_main(module.main, rest, debug=debug, prog=f"mtlora {name}")

@@ -51,8 +51,12 @@ class MtLoraConfig(PeftConfig):
 
     method: str = _help("Adapter method: lora | hydralora | mmoelora | mtlora.", default="mtlora")
     lora_rank: int = _help("Rank r of the shared down-projection A (and of each B_i).", default=16)
-    lora_alpha: float = _help("LoRA alpha; the adapter output is scaled by lora_alpha / lora_rank.", default=64.0)
-    lora_nums: int = _help("Number of experts E (up-projections B_i). Forced to 1 for method=lora.", default=16)
+    lora_alpha: float = _help(
+        "LoRA alpha; the adapter output is scaled by lora_alpha / lora_rank.", default=64.0
+    )
+    lora_nums: int = _help(
+        "Number of experts E (up-projections B_i). Forced to 1 for method=lora.", default=16
+    )
     lora_dropout: float = _help("Dropout on the input of A (the router sees the clean input).", default=0.05)
     target_modules: list[str] | str | None = _help(
         "Component level: names of the nn.Linear modules to adapt (a module is adapted if its qualified name "
@@ -60,7 +64,9 @@ class MtLoraConfig(PeftConfig):
         "(q_proj,v_proj; qkv_proj for Phi-3). Ignored (with an error if set explicitly) at block level.",
         default=None,
     )
-    enable_blc: bool = _help("Add the load-balancing loss (cv^2 of mean routing probabilities).", default=False)
+    enable_blc: bool = _help(
+        "Add the load-balancing loss (cv^2 of mean routing probabilities).", default=False
+    )
     blc_alpha: float = _help("Weight of the balance loss.", default=0.01)
     blc_ignore_padding: bool = _help(
         "Average routing probabilities over real tokens only (attention_mask). False = the paper's average "
@@ -72,12 +78,16 @@ class MtLoraConfig(PeftConfig):
         "x' = x + F(LN(x)) + Delta(LN(x)), instead of adapting component linears.",
         default=False,
     )
-    block_adapter_type: str = _help("Which blocks get the parallel path: attention | ffn | both.", default="ffn")
+    block_adapter_type: str = _help(
+        "Which blocks get the parallel path: attention | ffn | both.", default="ffn"
+    )
     block_adapter_style: str = _help(
         "lowrank (paper default: B A x) or bottleneck (B ReLU(A x)).", default="lowrank"
     )
     block_adapter_rank: int | None = _help("Rank of block adapters; None = lora_rank.", default=None)
-    enable_spectral_reg: bool = _help("Spectral-aware regularization of the experts' B matrices.", default=False)
+    enable_spectral_reg: bool = _help(
+        "Spectral-aware regularization of the experts' B matrices.", default=False
+    )
     spectral_reg_lambda: float = _help("Weight lambda of the spectral regularizer.", default=0.25)
     spectral_reg_mode: str = _help(
         "spectral (default): weights w(sigma) applied in each B's own singular basis, term added on every "
@@ -108,7 +118,9 @@ class MtLoraConfig(PeftConfig):
         "None = d_out // 2 (G=2, the paper's main setting).",
         default=None,
     )
-    router_top_k: int | None = _help("Keep only the top-k experts per token (and group); None = dense.", default=None)
+    router_top_k: int | None = _help(
+        "Keep only the top-k experts per token (and group); None = dense.", default=None
+    )
     task_num: int | None = _help("mmoelora: number of tasks (None = from the data's task map).", default=None)
     task_embedding_dim: int = _help("mmoelora: task embedding size.", default=64)
     expert_num: int = _help("mmoelora: number of experts the rank is split across.", default=4)
@@ -116,7 +128,9 @@ class MtLoraConfig(PeftConfig):
         "bottleneck style B init: zeros (adapted model equals base at init) or paper (N(0, 0.02^2)).",
         default="zeros",
     )
-    adapter_dtype: str = _help("dtype of the trainable adapter parameters (kept fp32 under autocast).", default="float32")
+    adapter_dtype: str = _help(
+        "dtype of the trainable adapter parameters (kept fp32 under autocast).", default="float32"
+    )
 
     def __post_init__(self) -> None:
         self.peft_type = PEFT_TYPE  # type: ignore[assignment]
@@ -127,7 +141,11 @@ class MtLoraConfig(PeftConfig):
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
         if self.method == "lora":
             self.lora_nums = 1
-        if self.enable_spectral_reg and self.spectral_reg_mode == "paper" and self.spectral_reg_max_matrices is None:
+        if (
+            self.enable_spectral_reg
+            and self.spectral_reg_mode == "paper"
+            and self.spectral_reg_max_matrices is None
+        ):
             self.spectral_reg_max_matrices = 64
         self.validate()
 
@@ -179,16 +197,27 @@ class MtLoraConfig(PeftConfig):
         if self.method in ("lora", "hydralora", "mmoelora"):
             for name in _MTLORA_ONLY:
                 if getattr(self, name):
-                    bad(name, f"is an mtLoRA design; method={self.method} is a baseline (use --method mtlora)")
+                    bad(
+                        name, f"is an mtLoRA design; method={self.method} is a baseline (use --method mtlora)"
+                    )
         if self.method == "mmoelora":
             if self.lora_rank % self.expert_num != 0:
-                bad("lora_rank", f"mmoelora splits the rank across experts: must be divisible by expert_num={self.expert_num}")
+                bad(
+                    "lora_rank",
+                    f"mmoelora splits the rank across experts: must be divisible by expert_num={self.expert_num}",
+                )
             if self.task_num is not None and self.task_num < 1:
                 bad("task_num", "must be >= 1")
             if self.enable_blc:
-                bad("enable_blc", "mmoelora has a task gate, not a token router; the balance loss does not apply")
+                bad(
+                    "enable_blc",
+                    "mmoelora has a task gate, not a token router; the balance loss does not apply",
+                )
         if self.enable_block_adapter and self.target_modules:
-            bad("target_modules", "block-level adaptation replaces component adapters; do not set target_modules")
+            bad(
+                "target_modules",
+                "block-level adaptation replaces component adapters; do not set target_modules",
+            )
         if self.enable_blc and self.num_experts == 1:
             bad("enable_blc", "the balance loss needs more than one expert (lora_nums > 1)")
         if self.enable_fine_grained_routing and self.num_experts == 1:
@@ -234,7 +263,9 @@ class MtLoraConfig(PeftConfig):
         data = dict(data)
         peft_type = data.pop("peft_type", PEFT_TYPE)
         if str(peft_type).upper() != PEFT_TYPE:
-            raise ConfigError(f"{source}: peft_type={peft_type!r} is not an mtlora adapter (expected {PEFT_TYPE!r})")
+            raise ConfigError(
+                f"{source}: peft_type={peft_type!r} is not an mtlora adapter (expected {PEFT_TYPE!r})"
+            )
         data.pop("mtlora_version", None)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -256,7 +287,15 @@ class MtLoraConfig(PeftConfig):
 
 
 # PeftConfig bookkeeping fields that are not user flags (hidden from --help, still accepted).
-_HIDDEN_FLAGS = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode")
+_HIDDEN_FLAGS = (
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+)
 
 
 def adapter_argument_parser(prog: str, **kwargs: Any) -> Any:

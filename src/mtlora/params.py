@@ -25,7 +25,9 @@ def _resolve(name_or_path: str) -> str:
     return resolve_model_path(name_or_path)
 
 
-def build_meta_model(model_name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> torch.nn.Module:
+def build_meta_model(
+    model_name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False
+) -> torch.nn.Module:
     """Instantiate a causal LM from its config on the meta device (no memory, no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

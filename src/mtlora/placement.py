@@ -59,7 +59,9 @@ def find_component_targets(model: nn.Module, targets: list[str]) -> list[tuple[s
                 )
             found.append((name, module))
     if not found:
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        linear_names = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
         raise PlacementError(
             f"no nn.Linear in {type(model).__name__} matches target_modules={targets}; "
             f"linear module names in this model: {', '.join(linear_names) or '(none)'}"

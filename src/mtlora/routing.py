@@ -48,7 +48,9 @@ class TokenRouter(nn.Module):
         self.num_experts = num_experts
         self.num_groups = num_groups
         self.top_k = top_k
-        self.weight = nn.Parameter(torch.empty(num_experts * num_groups, in_features, device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.empty(num_experts * num_groups, in_features, device=device, dtype=dtype)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
