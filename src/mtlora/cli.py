@@ -22,6 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("mtlora.data.cli", "convert Dolly / Flan-v2 CoT / Natural Instructions / Flan data"),
     "convert": ("mtlora.convert", "convert checkpoints (llama2.c -> Hugging Face Llama)"),
     "demo": ("mtlora.demo", "train and compare lora / hydralora / mtlora on the bundled tiny model"),
+    "analyze": (
+        "mtlora.analysis.cli",
+        "paper analysis figures: routing entropy/usage/FGR maps, SV spectra and conflict, task-gradient similarity",
+    ),
+    "repro": (
+        "mtlora.repro",
+        "reproduce the paper's tables (train + evaluate + assemble; --dry-run, --smoke)",
+    ),
 }
 
 

@@ -1,0 +1,210 @@
+"""``mtlora analyze``: the paper's analysis figures (PNG + JSON) from a trained adapter and a data file.
+
+    mtlora analyze routing   --adapter OUT/sft_lora_model --data data/ --output_dir figs/
+    mtlora analyze spectral  --adapter OUT/sft_lora_model --output_dir figs/
+    mtlora analyze gradients --adapter comp/sft_lora_model --adapter2 block/sft_lora_model --data data/ --output_dir figs/
+    mtlora analyze all       --adapter ... [--adapter2 ...] --data ... --output_dir figs/
+
+With one adapter everything goes to ``--output_dir``; with ``--adapter2`` each adapter's figures go to
+``--output_dir/<label>/`` and the comparisons (Fig. S2 spectra, Fig. S3 gradient similarity) to
+``--output_dir``. See docs/analyze.md for what each figure computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from mtlora.errors import MtLoraError
+
+ANALYSES = ("routing", "spectral", "gradients", "all")
+logger = logging.getLogger("mtlora.analysis")
+
+
+def build_parser(prog: str = "mtlora analyze") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Analysis figures of the paper (PNG + JSON per figure) from trained adapters.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("analysis", choices=ANALYSES, help="which figure family to produce")
+    p.add_argument(
+        "--adapter", required=True, help="adapter folder (output_dir/sft_lora_model of mtlora train)"
+    )
+    p.add_argument(
+        "--adapter2", default=None, help="second adapter to compare with (e.g. block vs component)"
+    )
+    p.add_argument("--label", default=None, help="name of --adapter in figures (default: component/block-*)")
+    p.add_argument("--label2", default=None, help="name of --adapter2 in figures")
+    p.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="base model (default: the one recorded in the adapter); mtlora:stories260k = bundled tiny Llama",
+    )
+    p.add_argument("--data", default=None, help="records file or folder (needed by routing and gradients)")
+    p.add_argument("--output_dir", required=True, help="where the PNG and JSON files go")
+    p.add_argument("--max_examples", type=int, default=500, help="examples sampled, balanced over tasks")
+    p.add_argument("--max_seq_length", type=int, default=512)
+    p.add_argument("--template", default="paper", choices=("paper", "chat"))
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--grad_batches", type=int, default=4, help="batches per task for the task gradients")
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="decoder layer (index, or adapter-name substring) of the Fig. S4 heatmap and the Fig. S2 "
+        "correlation panel; default: the middle layer",
+    )
+    p.add_argument("--module", default=None, help="only adapters whose name contains this (e.g. v_proj)")
+    p.add_argument(
+        "--tokens",
+        default="all",
+        choices=("all", "prompt", "answer"),
+        help="tokens the routing statistics average over (the released Fig. 1A used prompts only)",
+    )
+    p.add_argument("--seed", type=int, default=42, help="seed of the example sample")
+    p.add_argument("--device", default=None, help="cpu / cuda[:N] (default: cuda if available)")
+    p.add_argument(
+        "--dtype", default=None, help="base model dtype (default: float32 on CPU, bfloat16 on GPU)"
+    )
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    needs_data = args.analysis in ("routing", "gradients", "all")
+    if needs_data and not args.data:
+        raise MtLoraError(f"mtlora analyze {args.analysis}: --data is required")
+    for flag in ("max_examples", "max_seq_length", "batch_size", "grad_batches"):
+        if getattr(args, flag) < 1:
+            raise MtLoraError(f"--{flag} must be >= 1")
+    if args.data and not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data}: no such file or directory")
+
+
+def _labels(args: argparse.Namespace) -> list[tuple[str, str]]:
+    from mtlora.analysis.common import default_label, read_adapter_config
+
+    dirs = [args.adapter] + ([args.adapter2] if args.adapter2 else [])
+    given = [args.label, args.label2]
+    labels = [
+        given[i] or default_label(read_adapter_config(d), f"adapter{i + 1}") for i, d in enumerate(dirs)
+    ]
+    if len(labels) == 2 and labels[0] == labels[1]:
+        labels = [f"{labels[0]}-1", f"{labels[1]}-2"]
+    return list(zip(dirs, labels))
+
+
+def run(args: argparse.Namespace) -> dict[str, Path]:
+    """Run the requested analyses; returns every written file by its path relative to ``--output_dir``."""
+    import torch
+
+    from mtlora.analysis import gradients, routing, spectral
+    from mtlora.analysis.common import load_adapter, prepare_task_batches
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = _labels(args)
+    todo = {"routing", "spectral", "gradients"} if args.analysis == "all" else {args.analysis}
+    written: dict[str, Path] = {}
+    spec_results: list[dict[str, Any]] = []
+    grad_results: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+
+    for adapter_dir, label in pairs:
+        sub = out / label if len(pairs) > 1 else out
+        prefix = f"{label}/" if len(pairs) > 1 else ""
+        if "spectral" in todo:
+            try:
+                res, files = spectral.run_spectral(
+                    adapter_dir, sub, label=label, layer=args.layer, module_filter=args.module
+                )
+            except MtLoraError as exc:  # e.g. an expert rank below 3 has no three SV bands
+                if args.analysis != "all":
+                    raise
+                skipped[f"{label}: spectral"] = str(exc)
+            else:
+                spec_results.append(res)
+                written.update({prefix + k: v for k, v in files.items()})
+        if not todo & {"routing", "gradients"}:
+            continue
+        loaded = load_adapter(
+            adapter_dir, args.model_name_or_path, device=args.device, dtype=args.dtype, label=label
+        )
+        data = prepare_task_batches(
+            args.data,
+            loaded.tokenizer,
+            loaded.task_map,
+            max_examples=args.max_examples,
+            max_seq_length=args.max_seq_length,
+            template=args.template,
+            seed=args.seed,
+            known_tasks_only=loaded.needs_task_ids,
+        )
+        logger.info("%s: %d tasks, examples per task %s", label, data.num_tasks, data.num_examples())
+        if "routing" in todo:
+            if any(a.router is not None for _, a in loaded.named_adapters(args.module)):
+                files = routing.run_routing(
+                    loaded,
+                    data,
+                    sub,
+                    batch_size=args.batch_size,
+                    tokens=args.tokens,
+                    layer=args.layer,
+                    module_filter=args.module,
+                )
+                written.update({prefix + k: v for k, v in files.items()})
+            elif args.analysis == "routing":
+                raise MtLoraError(
+                    f"--adapter {adapter_dir}: method {loaded.method!r} has no router to analyse"
+                )
+            else:
+                skipped[f"{label}: routing"] = f"method {loaded.method} has no router"
+        if "gradients" in todo:
+            if data.num_tasks >= 2:
+                res, files = gradients.run_gradients(
+                    loaded,
+                    data,
+                    sub,
+                    batch_size=args.batch_size,
+                    num_batches=args.grad_batches,
+                    module_filter=args.module,
+                )
+                grad_results.append(res)
+                written.update({prefix + k: v for k, v in files.items()})
+            elif args.analysis == "gradients":
+                raise MtLoraError(f"--data {args.data}: gradient similarity needs at least two tasks")
+            else:
+                skipped[f"{label}: gradients"] = "the data has fewer than two tasks"
+        del loaded
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    if len(spec_results) == 2:
+        try:
+            written.update(spectral.run_spectral_comparison(*spec_results, out))
+        except MtLoraError as exc:
+            skipped["spectral comparison"] = str(exc)
+    if len(grad_results) == 2:
+        written.update(gradients.run_gradient_comparison(*grad_results, out))
+    summary = {
+        "analysis": args.analysis,
+        "adapters": {label: str(d) for d, label in pairs},
+        "data": args.data,
+        "files": sorted(written),
+        "skipped": skipped,
+    }
+    (out / "analysis_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return written
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    written = run(args)
+    for name in sorted(written):
+        print(f"wrote {Path(args.output_dir) / name}")
+    return 0
