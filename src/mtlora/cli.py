@@ -26,6 +26,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "mtlora.analysis.cli",
         "paper analysis figures: routing entropy/usage/FGR maps, SV spectra and conflict, task-gradient similarity",
     ),
+    "export": (
+        "mtlora.export",
+        "export an adapter as one plain peft LoRA per task (+ merged models, report)",
+    ),
+    "lorahub": (
+        "mtlora.lorahub",
+        "compose LoRAs for a target task from a few examples (LoRAHub, gradient-free)",
+    ),
     "repro": (
         "mtlora.repro",
         "reproduce the paper's tables (train + evaluate + assemble; --dry-run, --smoke)",

@@ -49,7 +49,11 @@ def _help(text: str, **kw: Any) -> Any:
 class MtLoraConfig(PeftConfig):
     """Configuration of a multi-task LoRA adapter. See the module docstring for the methods."""
 
-    method: str = _help("Adapter method: lora | hydralora | mmoelora | mtlora.", default="mtlora")
+    method: str = _help(
+        "Adapter method: lora | hydralora | mmoelora | mtlora (train.py also takes lorahub: one LoRA per task, "
+        "composed per task with LoRAHub).",
+        default="mtlora",
+    )
     lora_rank: int = _help("Rank r of the shared down-projection A (and of each B_i).", default=16)
     lora_alpha: float = _help(
         "LoRA alpha; the adapter output is scaled by lora_alpha / lora_rank.", default=64.0

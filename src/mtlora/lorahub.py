@@ -1,0 +1,648 @@
+"""LoRAHub: compose existing LoRAs for a target task from a few examples, without gradients.
+
+LoRAHub (Huang et al., COLM'24; field survey §1.8) keeps a library of K LoRAs ``(A_k, B_k)`` and, for a new
+task, searches weights ``w ∈ R^K`` for the element-wise composition
+
+    A_w = Σ_k w_k A_k        B_w = Σ_k w_k B_k        Delta W = scaling · B_w A_w
+
+minimising ``mean NLL of the few-shot examples + alpha · Σ_k |w_k|`` with a gradient-free optimiser
+(nevergrad ``NGOpt``, budget 40, bounds [-1.5, 1.5], start at w = 0 = the base model). Why gradient-free:
+K is small (tens), every evaluation is a few forward passes, and no backward pass or optimizer state is
+needed, so composing costs about as much as running the examples ``budget`` times. The result is one
+ordinary peft LoRA, servable anywhere.
+
+Note on the penalty: the paper writes ``alpha · Σ|w_k|``, which is what this module uses; the released
+code divides by K (``0.05 · mean|w_k|``), so ``alpha = 0.05 / K`` reproduces it.
+
+Pieces:
+
+* :func:`train_task_loras` - one plain ``lora`` per task of a records file with the library trainer,
+  each converted to a peft LoRA (``X/loras/<task>/``);
+* :func:`compose` - the weight search; :func:`save_composed` writes the composed peft LoRA +
+  ``lorahub.json`` (weights, objective, history);
+* :func:`run_lorahub_method` - ``mtlora train --method lorahub``: per-task LoRAs, then one composition per
+  task from a few of its own training examples (``output_dir/lorahub/<task>/``) and a composed default
+  from a few examples of every task (``output_dir/sft_lora_model/``, peft format);
+* ``mtlora lorahub`` (:func:`main`) - compose given LoRA folders (or train them first) for one target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mtlora.errors import ConfigError, MtLoraError
+from mtlora.export import (
+    PeftLora,
+    _by_task,
+    _encode,
+    _model_device,
+    _pad_id,
+    _right_padded,
+    _safe_dir_name,
+    convert_lora_to_peft,
+    read_peft_lora,
+    write_peft_lora,
+)
+
+if TYPE_CHECKING:
+    from mtlora.config import MtLoraConfig
+    from mtlora.training.arguments import DataArguments, ModelArguments, MtLoraTrainingArguments
+
+__all__ = [
+    "LoraHubResult",
+    "combine_loras",
+    "compose",
+    "lorahub_train_argv",
+    "main",
+    "run_lorahub_method",
+    "save_composed",
+    "train_task_loras",
+]
+
+DEFAULT_ALPHA = 0.05
+DEFAULT_BUDGET = 40
+DEFAULT_BOUNDS = (-1.5, 1.5)
+DEFAULT_EXAMPLES = 5
+LORAHUB_JSON = "lorahub.json"
+
+
+@dataclass
+class LoraHubResult:
+    """Outcome of one composition: the chosen weights and how they scored (``objective = nll + l1``)."""
+
+    weights: list[float]
+    objective: float
+    nll: float
+    l1: float
+    lora_dirs: list[str]
+    optimizer: str
+    budget: int
+    seed: int
+    alpha: float
+    num_examples: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ============================================================================ composition math
+def _align(loras: Sequence[PeftLora]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, bool]:
+    """Stack the K LoRAs per module: ``{path: (A (K, r, d_in), B (K, d_out, r))}``, common scaling, folded.
+
+    A module missing from some LoRA is zero there (that LoRA does not change it), so LoRAs trained on
+    different target sets still compose. Ranks must agree (element-wise sums need equal shapes). If the
+    scalings differ, each B_k is pre-multiplied by its own scaling and the composition uses scaling 1.
+    """
+    if not loras:
+        raise MtLoraError("LoRAHub needs at least one LoRA to compose")
+    ranks = {lo.rank for lo in loras} | {int(a.shape[0]) for lo in loras for a, _ in lo.modules.values()}
+    if len(ranks) != 1:
+        raise MtLoraError(
+            f"LoRAHub composes element-wise, so every LoRA needs the same rank; got {sorted(ranks)}"
+        )
+    scalings = {s for lo in loras for s in lo.scaling.values()}
+    fold = len(scalings) != 1
+    names = sorted({n for lo in loras for n in lo.modules})
+    stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in names:
+        shapes = {
+            (tuple(lo.modules[name][0].shape), tuple(lo.modules[name][1].shape))
+            for lo in loras
+            if name in lo.modules
+        }
+        if len(shapes) != 1:
+            raise MtLoraError(f"{name}: the LoRAs disagree on shapes {sorted(shapes)}; same base model?")
+        (a_shape, b_shape) = shapes.pop()
+        a_list, b_list = [], []
+        for lo in loras:
+            if name in lo.modules:
+                a, b = lo.modules[name]
+                b = b.float() * (lo.scaling[name] if fold else 1.0)
+                a_list.append(a.float())
+                b_list.append(b)
+            else:
+                a_list.append(torch.zeros(a_shape))
+                b_list.append(torch.zeros(b_shape))
+        stacked[name] = (torch.stack(a_list), torch.stack(b_list))
+    return stacked, (1.0 if fold else scalings.pop()), fold
+
+
+def combine_loras(loras: Sequence[PeftLora], weights: Sequence[float]) -> PeftLora:
+    """The LoRAHub composition ``A = Σ w_k A_k``, ``B = Σ w_k B_k`` as one :class:`PeftLora`."""
+    stacked, scaling, _ = _align(loras)
+    if len(weights) != len(loras):
+        raise MtLoraError(f"{len(weights)} weights for {len(loras)} LoRAs")
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    modules = {
+        n: (torch.einsum("k,kri->ri", w, a), torch.einsum("k,kor->or", w, b)) for n, (a, b) in stacked.items()
+    }
+    rank = next(iter(modules.values()))[0].shape[0]
+    return PeftLora(modules=modules, scaling=dict.fromkeys(modules, scaling), rank=int(rank))
+
+
+class _NllProbe:
+    """The base model with one plain mtlora ``lora`` adapter whose weights are overwritten per candidate.
+
+    Why not peft in the loop: reusing mtlora's own adapter keeps the probe one cheap ``copy_`` per module
+    per evaluation, and :meth:`close` returns the untouched base model.
+    """
+
+    def __init__(
+        self, base: Any, stacked: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scaling: float
+    ) -> None:
+        from mtlora.config import MtLoraConfig
+        from mtlora.model import MtLoraModel
+
+        rank = int(next(iter(stacked.values()))[0].shape[1])
+        cfg = MtLoraConfig(
+            method="lora",
+            lora_rank=rank,
+            lora_alpha=scaling * rank,
+            lora_dropout=0.0,
+            target_modules=sorted(stacked),
+        )
+        self.model = MtLoraModel(base, cfg).eval()
+        adapters = dict(self.model.named_adapters())
+        missing = sorted(set(stacked) - set(adapters))
+        if missing or len(adapters) != len(stacked):
+            self.model.unload()
+            raise MtLoraError(f"the LoRAs target modules the model does not have as expected: {missing[:3]}")
+        device = _model_device(base)
+        self.slots = [(adapters[n], a.to(device), b.to(device)) for n, (a, b) in stacked.items()]
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=self.slots[0][1].device)
+        with torch.no_grad():
+            for adapter, a, b in self.slots:
+                adapter.lora_A.copy_(torch.einsum("k,kri->ri", w, a).to(adapter.lora_A.dtype))
+                adapter.lora_B.copy_(torch.einsum("k,kor->or", w, b).unsqueeze(1).to(adapter.lora_B.dtype))
+
+    def nll(self, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+        """Token-weighted mean NLL of the examples' targets."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in batches:
+                logits = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+                labels = batch["labels"][:, 1:]
+                valid = labels != -100
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                tok = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+                total += float(-(tok * valid).sum())
+                count += int(valid.sum())
+        return total / max(count, 1)
+
+    def close(self) -> Any:
+        return self.model.unload()
+
+
+def compose(
+    base_model: Any,
+    tokenizer: Any,
+    loras: Sequence[str | Path | PeftLora],
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    budget: int = DEFAULT_BUDGET,
+    lower: float = DEFAULT_BOUNDS[0],
+    upper: float = DEFAULT_BOUNDS[1],
+    seed: int = 0,
+    optimizer: str = "NGOpt",
+    max_seq_length: int = 512,
+    template: str = "paper",
+    batch_size: int = 8,
+) -> tuple[LoraHubResult, PeftLora]:
+    """Search composition weights for ``examples`` (records) and return (result, composed LoRA).
+
+    ``base_model`` is a plain Hugging Face causal LM; it is wrapped for the search and handed back
+    unchanged. The returned weights are nevergrad's recommendation, unless a point evaluated during the
+    search scored strictly better (the objective is deterministic, so that point is a valid choice).
+    """
+    try:
+        import nevergrad as ng
+        import numpy as np
+    except ImportError:
+        raise MtLoraError("LoRAHub needs nevergrad: pip install 'nevergrad>=1.0'") from None
+
+    if budget < 1:
+        raise MtLoraError(f"--budget {budget}: must be >= 1")
+    if not lower < 0 < upper:
+        raise MtLoraError(f"bounds [{lower}, {upper}] must contain 0 (the search starts at w = 0)")
+    if optimizer not in ng.optimizers.registry:
+        raise MtLoraError(f"unknown nevergrad optimizer {optimizer!r} (e.g. NGOpt, CMA, TwoPointsDE)")
+    dirs = [str(x) for x in loras if not isinstance(x, PeftLora)]
+    loaded = [x if isinstance(x, PeftLora) else read_peft_lora(x) for x in loras]
+    stacked, scaling, _ = _align(loaded)
+    encoded = _encode(examples, tokenizer, max_seq_length, template)
+    if not encoded:
+        raise MtLoraError("no usable example: give records whose target survives --max_seq_length")
+    device, pad = _model_device(base_model), _pad_id(tokenizer)
+    batches = [
+        _right_padded([(ids, lab) for _, ids, lab in encoded[i : i + batch_size]], pad, device)
+        for i in range(0, len(encoded), batch_size)
+    ]
+    k = len(loaded)
+    history: list[dict[str, Any]] = []
+    probe = _NllProbe(base_model, stacked, scaling)
+    try:
+
+        def objective(w: Any) -> float:
+            weights = [float(x) for x in np.asarray(w).reshape(-1)]
+            probe.set_weights(weights)
+            nll = probe.nll(batches)
+            value = nll + alpha * sum(abs(x) for x in weights)
+            history.append({"weights": weights, "nll": nll, "objective": value})
+            return value if math.isfinite(value) else 1e9
+
+        param = ng.p.Array(init=np.zeros(k), lower=lower, upper=upper)
+        param.random_state = np.random.RandomState(seed)
+        opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nevergrad/scipy sub-optimisers warn about their own settings
+            recommendation = opt.minimize(objective)
+        rec_w = [float(x) for x in np.asarray(recommendation.value).reshape(-1)]
+        objective(rec_w)
+        final = history[-1]
+        best = min(history, key=lambda h: h["objective"])
+        chosen = best if best["objective"] < final["objective"] else final
+    finally:
+        probe.close()
+    weights = list(chosen["weights"])
+    result = LoraHubResult(
+        weights=weights,
+        objective=chosen["objective"],
+        nll=chosen["nll"],
+        l1=alpha * sum(abs(x) for x in weights),
+        lora_dirs=dirs,
+        optimizer=optimizer,
+        budget=budget,
+        seed=seed,
+        alpha=alpha,
+        num_examples=len(encoded),
+        history=history,
+    )
+    return result, combine_loras(loaded, weights)
+
+
+def _target_modules(loras: Sequence[PeftLora], composed: PeftLora) -> list[str] | str:
+    """The inputs' own ``target_modules`` if they all agree (usually short names such as q_proj, v_proj).
+
+    A regex string (peft allows one) is kept as is; otherwise the composed module paths are listed.
+    """
+    keys = set()
+    for lo in loras:
+        t = lo.config.get("target_modules")
+        keys.add(json.dumps(t if isinstance(t, str) else sorted(t or [])))
+    if len(keys) == 1:
+        found = json.loads(keys.pop())
+        if found:
+            return found
+    return sorted(composed.modules)
+
+
+def save_composed(
+    out_dir: str | Path,
+    composed: PeftLora,
+    result: LoraHubResult,
+    *,
+    base_model_name_or_path: str | None = None,
+    target_modules: Sequence[str] | str | None = None,
+    tokenizer: Any = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the composed LoRA as a standard peft folder plus ``lorahub.json`` (weights and search log)."""
+    scaling = next(iter(composed.scaling.values()))
+    out = write_peft_lora(
+        out_dir,
+        composed.modules,
+        lora_alpha=scaling * composed.rank,
+        target_modules=target_modules,
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    payload = {**result.to_dict(), **(extra or {})}
+    (out / LORAHUB_JSON).write_text(json.dumps(payload, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+# ============================================================================ per-task LoRAs
+def _train_one(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    adapter: MtLoraConfig,
+    train_args: MtLoraTrainingArguments,
+    records: Sequence[Mapping[str, Any]],
+    task_dir: Path,
+) -> Path:
+    """Train a plain ``lora`` on ``records`` with the library trainer; write its peft form to ``task_dir``."""
+    from mtlora.data import save_records
+    from mtlora.training.run import train
+
+    task_dir.mkdir(parents=True, exist_ok=True)
+    data_file = task_dir / "train_records.json"
+    save_records(records, data_file)
+    run_dir = task_dir / "run"
+    d_args = dataclasses.replace(data_args, train_file=str(data_file), dataset_dir=None, validation_file=None)
+    t_args = dataclasses.replace(train_args, output_dir=str(run_dir))
+    a_cfg = dataclasses.replace(adapter, method="lora", base_model_name_or_path=None)
+    adapter_dir = train(model_args, d_args, a_cfg, t_args)
+    if not t_args.should_save:  # a non-main process of a distributed run: rank 0 writes the files
+        return task_dir
+    return convert_lora_to_peft(adapter_dir, task_dir)
+
+
+def train_task_loras(
+    records: str | Path | Sequence[Mapping[str, Any]],
+    model_name_or_path: str,
+    output_dir: str | Path,
+    *,
+    train_argv: Sequence[str] = (),
+    tasks: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Train one plain LoRA per task of ``records``; returns ``{task: peft folder}`` (``output_dir/<task>``).
+
+    ``train_argv`` takes any ``mtlora train`` flag (``--max_steps``, ``--learning_rate``, ``--lora_rank`` ...);
+    the method is always ``lora`` and checkpoints are off unless asked for.
+    """
+    from mtlora.data import load_records
+    from mtlora.training.arguments import parse_train_args
+
+    recs = load_records(records) if isinstance(records, (str, Path)) else list(records)
+    by_task = _by_task(recs)
+    names = list(tasks) if tasks else sorted(by_task)
+    unknown = [t for t in names if t not in by_task]
+    if unknown:
+        raise MtLoraError(f"tasks {unknown} have no records (found {sorted(by_task)})")
+    out = Path(output_dir)
+    placeholder = str(out / "_unused")
+    argv = ["--save_strategy", "no", *train_argv]
+    argv += [
+        "--model_name_or_path",
+        model_name_or_path,
+        "--train_file",
+        placeholder,
+        "--output_dir",
+        placeholder,
+    ]
+    argv += ["--method", "lora"]
+    model_args, data_args, adapter, train_args = parse_train_args(argv, prog="mtlora lorahub")
+    taken: set[str] = set()
+    result = {}
+    for t in names:
+        result[t] = _train_one(
+            model_args, data_args, adapter, train_args, by_task[t], out / _safe_dir_name(t, taken)
+        )
+    return result
+
+
+# ============================================================================ `mtlora train --method lorahub`
+def lorahub_train_argv(argv: Sequence[str]) -> list[str] | None:
+    """For the training CLI: None unless the (effective) method is ``lorahub``; else argv with ``--method lora``.
+
+    ``--config`` files are expanded first (flags after them win, as in ``parse_train_args``).
+    """
+    from mtlora.training.arguments import _config_file_argv
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    ns, rest = pre.parse_known_args(list(argv))
+    full = (_config_file_argv(ns.config) if ns.config else []) + rest
+    method, out = None, []
+    i = 0
+    while i < len(full):
+        arg = full[i]
+        if arg == "--method" and i + 1 < len(full):
+            method = full[i + 1]
+            out += ["--method", "lora" if method == "lorahub" else method]
+            i += 2
+            continue
+        if arg.startswith("--method="):
+            method = arg.split("=", 1)[1]
+            out.append("--method=" + ("lora" if method == "lorahub" else method))
+        else:
+            out.append(arg)
+        i += 1
+    return out if method == "lorahub" else None
+
+
+def run_lorahub_method(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    adapter: MtLoraConfig,
+    train_args: MtLoraTrainingArguments,
+    *,
+    examples_per_task: int = DEFAULT_EXAMPLES,
+    budget: int = DEFAULT_BUDGET,
+    alpha: float = DEFAULT_ALPHA,
+) -> Path:
+    """``--method lorahub``: train per-task LoRAs, compose one LoRA per task and a default; returns the default.
+
+    Layout::
+
+        output_dir/lorahub/loras/<task>/      the per-task plain LoRAs (peft) and their training runs
+        output_dir/lorahub/<task>/            composed for <task> from its first ``examples_per_task`` records
+        output_dir/sft_lora_model/            composed from ``examples_per_task`` records of every task (peft)
+        output_dir/lorahub/summary.json       weights and objectives of every composition
+        output_dir/task_map.json
+
+    ``adapter`` carries the LoRA flags (rank, alpha, target modules); its method is forced to ``lora``.
+    """
+    from mtlora.data import build_task_map, load_records, save_task_map
+    from mtlora.training.run import load_base_model
+
+    if data_args.validation_file:
+        raise ConfigError("--method lorahub does not evaluate during training; drop --validation_file")
+    out = Path(train_args.output_dir or "")
+    if not str(out):
+        raise ConfigError("--output_dir is required")
+    records = load_records(data_args.train_file or data_args.dataset_dir)
+    if data_args.max_train_samples:
+        records = records[: data_args.max_train_samples]
+    task_map = build_task_map(records)
+    by_task = _by_task(records)
+    hub = out / "lorahub"
+    taken: set[str] = set()
+    task_dirs = {t: _safe_dir_name(t, taken) for t in task_map}
+    lora_dirs = {
+        t: _train_one(model_args, data_args, adapter, train_args, by_task[t], hub / "loras" / task_dirs[t])
+        for t in task_map
+    }
+    if not train_args.should_save:  # not the main process of a distributed run
+        return out / "sft_lora_model"
+    model, tokenizer = load_base_model(model_args, train_args)
+    model.eval()
+    loras = [read_peft_lora(lora_dirs[t]) for t in task_map]
+    targets = _target_modules(loras, loras[0])
+    summary: dict[str, Any] = {
+        "task_map": task_map,
+        "lora_dirs": {t: str(p) for t, p in lora_dirs.items()},
+        "tasks": {},
+    }
+    common: dict[str, Any] = dict(
+        alpha=alpha,
+        budget=budget,
+        seed=train_args.seed,
+        max_seq_length=data_args.max_seq_length,
+        template=data_args.template,
+    )
+    base_name = model_args.model_name_or_path
+    for t in task_map:
+        result, composed = compose(model, tokenizer, loras, by_task[t][:examples_per_task], **common)
+        result.lora_dirs = [str(lora_dirs[x]) for x in task_map]
+        save_composed(
+            hub / task_dirs[t],
+            composed,
+            result,
+            base_model_name_or_path=base_name,
+            target_modules=targets,
+            extra={"task": t},
+        )
+        summary["tasks"][t] = {
+            "dir": str(hub / task_dirs[t]),
+            "weights": result.weights,
+            "objective": result.objective,
+        }
+    mixed = [r for t in task_map for r in by_task[t][:examples_per_task]]
+    result, composed = compose(model, tokenizer, loras, mixed, **common)
+    result.lora_dirs = [str(lora_dirs[x]) for x in task_map]
+    default_dir = out / "sft_lora_model"
+    save_composed(
+        default_dir,
+        composed,
+        result,
+        base_model_name_or_path=base_name,
+        target_modules=targets,
+        tokenizer=tokenizer,
+        extra={"task": None},
+    )
+    save_task_map(task_map, default_dir / "task_map.json")
+    save_task_map(task_map, out / "task_map.json")
+    summary["default"] = {"dir": str(default_dir), "weights": result.weights, "objective": result.objective}
+    (hub / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return default_dir
+
+
+# ============================================================================ CLI
+def build_parser(prog: str = "mtlora lorahub") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="LoRAHub: learn weights that compose K LoRAs for a target task from a few examples "
+        "(gradient-free, nevergrad) and save the composition as a standard peft LoRA.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--lora_dirs", help="comma-separated peft LoRA folders to compose")
+    src.add_argument(
+        "--train_dataset",
+        help="records file/dir: first train one plain LoRA per task (into OUTPUT/loras/<task>)",
+    )
+    p.add_argument(
+        "--train_args",
+        default="",
+        help='extra `mtlora train` flags for --train_dataset, one string: --train_args="--max_steps 200"',
+    )
+    p.add_argument("--model_name_or_path", required=True)
+    p.add_argument(
+        "--examples", required=True, help="records file/dir with the target task's few-shot examples"
+    )
+    p.add_argument("--task", default=None, help="use only the examples whose task_type is TASK")
+    p.add_argument(
+        "--max_examples", type=int, default=DEFAULT_EXAMPLES, help="use the first N examples (LoRAHub: 5)"
+    )
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="objective evaluations (LoRAHub: 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--alpha", type=float, default=DEFAULT_ALPHA, help="L1 weight: objective = NLL + alpha*sum|w|"
+    )
+    p.add_argument("--lower", type=float, default=DEFAULT_BOUNDS[0])
+    p.add_argument("--upper", type=float, default=DEFAULT_BOUNDS[1])
+    p.add_argument("--optimizer", default="NGOpt", help="nevergrad optimizer name (NGOpt, CMA, ...)")
+    p.add_argument("--max_seq_length", type=int, default=512)
+    p.add_argument("--template", default="paper", choices=("paper", "chat"))
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from mtlora.data import load_records
+    from mtlora.hub import load_tokenizer, resolve_model_path
+
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.max_examples < 1:
+        raise MtLoraError("--max_examples must be >= 1")
+    out = Path(args.output_dir)
+    if args.lora_dirs:
+        dirs = [Path(d.strip()) for d in args.lora_dirs.split(",") if d.strip()]
+    else:
+        trained = train_task_loras(
+            args.train_dataset,
+            args.model_name_or_path,
+            out / "loras",
+            train_argv=shlex.split(args.train_args),
+        )
+        dirs = list(trained.values())
+        print(f"trained {len(dirs)} task LoRAs under {out / 'loras'}")
+    examples = load_records(args.examples)
+    if args.task is not None:
+        examples = [r for r in examples if r["task_type"] == args.task]
+        if not examples:
+            raise MtLoraError(f"--task {args.task!r}: no example has this task_type in {args.examples}")
+    examples = examples[: args.max_examples]
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = resolve_model_path(args.model_name_or_path)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes[args.dtype]).to(device).eval()
+    loras = [read_peft_lora(d) for d in dirs]
+    result, composed = compose(
+        model,
+        tokenizer,
+        loras,
+        examples,
+        alpha=args.alpha,
+        budget=args.budget,
+        lower=args.lower,
+        upper=args.upper,
+        seed=args.seed,
+        optimizer=args.optimizer,
+        max_seq_length=args.max_seq_length,
+        template=args.template,
+        batch_size=args.batch_size,
+    )
+    result.lora_dirs = [str(d) for d in dirs]
+    save_composed(
+        out,
+        composed,
+        result,
+        base_model_name_or_path=args.model_name_or_path,
+        target_modules=_target_modules(loras, composed),
+        tokenizer=tokenizer,
+        extra={"task": args.task, "examples_file": str(args.examples)},
+    )
+    for d, w in zip(dirs, result.weights):
+        print(f"  {w:+.4f}  {d}")
+    print(f"objective {result.objective:.4f} (nll {result.nll:.4f} + l1 {result.l1:.4f}); saved to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
