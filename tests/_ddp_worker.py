@@ -26,7 +26,7 @@ CFG = dict(
 
 
 def build():
-    from conftest import tiny_model
+    from _tiny import tiny_model
 
     model = get_mtlora_model(tiny_model("llama"), MtLoraConfig(**CFG))
     torch.manual_seed(5)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-initialised decoder-only models of every supported architecture."""
+"""Shared fixtures; helpers live in ``_tiny.py`` (several conftest.py files exist, so import by that name)."""
 
 from __future__ import annotations
 
@@ -6,46 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"]
-
-
-def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2) -> torch.nn.Module:
-    """A random-initialised causal LM, hidden 64, 2 layers, vocab 128 (fp32, eval mode)."""
-    import transformers as T
-
-    classes = {
-        "llama": (T.LlamaConfig, T.LlamaForCausalLM),
-        "mistral": (T.MistralConfig, T.MistralForCausalLM),
-        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
-        "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM),
-        "gemma": (T.GemmaConfig, T.GemmaForCausalLM),
-        "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM),
-        "phi3": (T.Phi3Config, T.Phi3ForCausalLM),
-    }
-    config_cls, model_cls = classes[arch]
-    cfg = config_cls(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    return model_cls(cfg).eval()
+from _tiny import SHARED  # noqa: E402
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 import re
 import sys
 
-from conftest import REPO
+from _tiny import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import train_step  # noqa: E402
@@ -19,7 +19,8 @@ def test_train_step_tiny(tmp_path, capsys) -> None:
     assert train_step.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(
-        r"hydralora_s=[0-9.]+ mtlora_s=[0-9.]+ mtlora_vs_hydralora_time=[0-9.]+ mtlora_vs_hydralora_memory=[0-9.]+", last
+        r"hydralora_s=[0-9.]+ mtlora_s=[0-9.]+ mtlora_vs_hydralora_time=[0-9.]+ mtlora_vs_hydralora_memory=[0-9.]+",
+        last,
     )
     data = json.loads(out.read_text())
     assert set(data["results"]) == set(train_step.METHODS)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from _tiny import tiny_model
 
 from mtlora import MtLoraConfig, get_mtlora_model
 from mtlora.data import load_records, save_records, save_task_map

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_model
+from _tiny import tiny_model
 
 from mtlora import MtLoraConfig, get_mtlora_model
 from mtlora.errors import MtLoraError

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_model
+from _tiny import ARCHS, tiny_model
 
 from mtlora import MtLoraConfig, MtLoraModel, get_mtlora_model
 from mtlora.errors import CheckpointError, ConfigError, PlacementError

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from _tiny import REPO
 
 from mtlora.cli import main as cli_main
 from mtlora.config import MtLoraConfig

@@ -1,0 +1,101 @@
+"""Result files and the end-of-run table.
+
+Why: results are compared across runs, methods and papers, so every file carries its protocol, data hash,
+model/adapter identity and settings next to the numbers; a number without those is how protocol mix-ups
+(the most common complaint in this field) happen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mtlora.evaluation.scoring import mean
+
+
+def category_scores(
+    per_item: Mapping[str, tuple[int, int]], categories: Mapping[str, str]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``(macro, micro)`` category accuracies from ``{name: (correct, total)}``.
+
+    Macro = unweighted mean of the member accuracies (the paper's MMLU categories); micro = pooled
+    questions (lm-evaluation-harness groups, ``weight_by_size``).
+    """
+    macro: dict[str, list[float]] = {}
+    pooled: dict[str, list[int]] = {}
+    for name, (correct, total) in per_item.items():
+        cat = categories.get(name, "other")
+        if total:
+            macro.setdefault(cat, []).append(correct / total)
+        acc = pooled.setdefault(cat, [0, 0])
+        acc[0] += correct
+        acc[1] += total
+    macro_out = {c: mean(v) for c, v in sorted(macro.items())}
+    micro_out = {c: (v[0] / v[1] if v[1] else 0.0) for c, v in sorted(pooled.items())}
+    return macro_out, micro_out
+
+
+def run_metadata(loaded: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from mtlora import __version__
+
+    return {
+        "model_name_or_path": loaded.model_name_or_path,
+        "lora_checkpoint": loaded.lora_checkpoint,
+        "adapter_method": loaded.adapter_method,
+        "device": loaded.device,
+        "dtype": loaded.dtype,
+        **settings,
+        "versions": {
+            "mtlora": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write atomically (a crash mid-write never leaves a truncated result file behind)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def markdown_table(
+    title: str,
+    rows: Sequence[tuple[str, int, float]],
+    summary: Sequence[tuple[str, int | None, float]],
+    name_header: str,
+) -> str:
+    """``| name | n | accuracy |`` rows, a separator row, then the summary rows (averages, categories)."""
+    width = max([len(name_header)] + [len(r[0]) for r in rows] + [len(s[0]) + 4 for s in summary])
+    lines = [
+        f"### {title}",
+        "",
+        f"| {name_header:<{width}} |     n | accuracy |",
+        f"|{'-' * (width + 2)}|------:|---------:|",
+    ]
+    for name, n, acc in rows:
+        lines.append(f"| {name:<{width}} | {n:>5} | {100 * acc:>7.2f}% |")
+    for name, n, acc in summary:
+        shown = f"{n:>5}" if n is not None else "     "
+        bold = f"**{name}**"
+        lines.append(f"| {bold:<{width}} | {shown} | {100 * acc:>7.2f}% |")
+    return "\n".join(lines)
