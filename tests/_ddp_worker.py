@@ -1,8 +1,9 @@
-"""Worker for the 2-process DDP test (gloo, CPU). Kept importable so torch.multiprocessing can spawn it."""
+"""Worker for the 2-process DDP test (gloo, CPU), run under torchrun by tests/test_distributed.py."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -48,8 +49,10 @@ def loss_for(model, ids, reg, inner=None):
     return out.loss + spec
 
 
-def run(rank: int, world: int, init_file: str, out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def run(out_file: str) -> None:
+    """One rank under torchrun: env:// rendezvous (RANK, WORLD_SIZE, MASTER_ADDR/PORT set by torchrun)."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
     try:
         model = build()
         reg = SpectralRegularizer(model.mtlora_config)
@@ -60,4 +63,8 @@ def run(rank: int, world: int, init_file: str, out_file: str) -> None:
             torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_file)
     finally:
         dist.destroy_process_group()
-    os.environ.pop("MASTER_ADDR", None)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    run(sys.argv[1])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _ddp_worker as worker  # noqa: E402
@@ -14,7 +15,14 @@ import _ddp_worker as worker  # noqa: E402
 
 def test_ddp_gradients_match_single_process(tmp_path) -> None:
     out_file = tmp_path / "grads.pt"
-    mp.spawn(worker.run, args=(2, str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
+    # a fresh process tree under torchrun: nothing of this test process's state (threads, env) leaks in
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+         str(Path(__file__).parent / "_ddp_worker.py"), str(out_file)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
     ddp_grads = torch.load(out_file, weights_only=True)
 
     model = worker.build()

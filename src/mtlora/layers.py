@@ -195,6 +195,7 @@ class MultiExpertLoRA(nn.Module):
         h = F.linear(self.dropout(x2), self.lora_A)  # (N, r) - A once for all experts
         if self.style == "bottleneck":
             h = F.relu(h)
+        h = h * self.scaling  # scale the (N, r) activations, not the (N, d_out) output: d_out/r times cheaper
         d_out, n_tok = self.out_features, x2.shape[0]
         if self.router_kind == "none":
             y = F.linear(h, self.lora_B.view(d_out, self.rank))
@@ -213,7 +214,6 @@ class MultiExpertLoRA(nn.Module):
                 b = self.lora_B.view(g, d_out // g, er)  # contiguous view: group g = dims [g*gs, (g+1)*gs)
                 y = torch.bmm(z.reshape(n_tok, g, er).transpose(0, 1), b.transpose(1, 2))  # (G, N, gs)
                 y = y.transpose(0, 1).reshape(n_tok, d_out)
-        y = y * self.scaling
         return y.reshape(*batch_shape, d_out).to(out_dtype)
 
     # ------------------------------------------------------------------ helpers

@@ -85,22 +85,41 @@ def paper_spectral_term(B: torch.Tensor) -> torch.Tensor:
 def spectral_weights(B: torch.Tensor) -> torch.Tensor:
     """``W = V diag(w) Vᵀ`` (detached) from the eigen-decomposition of ``BᵀB = V Σ² Vᵀ``; batched."""
     with torch.no_grad():
-        gram = (B.transpose(-1, -2) @ B).double()
-        evals, V = torch.linalg.eigh(gram)  # ascending
+        return weights_from_gram(B.transpose(-1, -2) @ B)
+
+
+def weights_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """``W = V diag(w) Vᵀ`` from Gram matrices ``(…, r, r)``: an r×r eigh, no tall SVD (detached)."""
+    with torch.no_grad():
+        evals, V = torch.linalg.eigh(gram.double())  # ascending
         sv = evals.clamp_min(0).sqrt()
         w = torch.exp(-sv / (sv.mean(-1, keepdim=True) + 1e-8))
         W = (V * w[..., None, :]) @ V.transpose(-1, -2)
-    return W.to(B.dtype)
+    return W.to(gram.dtype)
 
 
 def spectral_term(B: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """Spectral-basis term ``‖W (BᵀB - s² I) W‖²_F`` per matrix (W detached, s² = mean σ² detached)."""
-    gram = B.transpose(-1, -2) @ B
-    r = B.shape[-1]
+    return spectral_term_from_gram(B.transpose(-1, -2) @ B, W)
+
+
+def spectral_term_from_gram(gram: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """:func:`spectral_term` given the (differentiable) Gram matrices; ``s² = trace(BᵀB) / r``."""
+    r = gram.shape[-1]
+    eye = torch.eye(r, device=gram.device, dtype=gram.dtype)
     with torch.no_grad():
-        s2 = (B.float() ** 2).sum(dim=(-2, -1)) / r
-    D = gram - s2.to(gram.dtype)[..., None, None] * torch.eye(r, device=B.device, dtype=gram.dtype)
+        s2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1) / r
+    D = gram - s2[..., None, None] * eye
     return ((W @ D @ W) ** 2).sum(dim=(-2, -1))
+
+
+def expert_grams(module: MultiExpertLoRA, experts: list[int]) -> torch.Tensor:
+    """``B_eᵀ B_e`` for the given experts, ``(n, r, r)``. All experts: one contraction on ``lora_B`` in place,
+    without materialising a stacked copy of the B's (128 MiB per LLaMA-7B layer)."""
+    if module.router_kind != "task" and experts == list(range(module.num_experts)):
+        return torch.einsum("oer,oes->ers", module.lora_B, module.lora_B)
+    Bs = torch.stack([module.expert_B(e) for e in experts])
+    return Bs.transpose(-1, -2) @ Bs
 
 
 class SpectralRegularizer:
@@ -152,15 +171,20 @@ class SpectralRegularizer:
         total: torch.Tensor | None = None
         count = 0
         for module, experts in chosen.items():
-            Bs = torch.stack([module.expert_B(e) for e in experts])  # (n, d_out, r)
             if self.mode == "paper":
-                terms = paper_spectral_term(Bs)
+                terms = paper_spectral_term(torch.stack([module.expert_B(e) for e in experts]))
             else:
                 key = id(module)
+                gram = expert_grams(module, experts)
                 if refresh or key not in self._weights:
-                    self._weights[key] = spectral_weights(module.lora_B.permute(1, 0, 2))
-                W = self._weights[key][experts].to(Bs.dtype)
-                terms = spectral_term(Bs, W)
+                    all_grams = (
+                        gram
+                        if len(experts) == module.num_experts
+                        else expert_grams(module, list(range(module.num_experts)))
+                    )
+                    self._weights[key] = weights_from_gram(all_grams.detach())
+                W = self._weights[key][experts].to(gram.dtype)
+                terms = spectral_term_from_gram(gram, W)
             s = terms.float().sum()
             total = s if total is None else total + s
             count += len(experts)
