@@ -24,6 +24,16 @@ def test_dry_run_prints_every_command(capsys) -> None:
     assert any("eval_mmlu.py" in x and "--num_few_shot 5" in x for x in evals)
 
 
+def test_table1_baselines_dry_run(capsys) -> None:
+    assert cli_main(["repro", "table1", "--dry-run"]) == 0
+    trains = [x for x in capsys.readouterr().out.splitlines() if "train.py" in x]
+    assert len(trains) == 8
+    assert (
+        sum("--method lorahub" in x for x in trains) == 2
+        and sum("--method mmoelora" in x for x in trains) == 2
+    )
+
+
 def test_table_definitions() -> None:
     assert [r.id for r in table_rows("table2")] == [
         "hydralora", "block_ffn", "block_ffn_spectral", "block_ffn_fgr", "mtlora_full",

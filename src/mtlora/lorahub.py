@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mtlora.errors import ConfigError, MtLoraError
+from mtlora.errors import ConfigError, DataError, MtLoraError
 from mtlora.export import (
     PeftLora,
     _by_task,
@@ -404,9 +404,14 @@ def train_task_loras(
     taken: set[str] = set()
     result = {}
     for t in names:
-        result[t] = _train_one(
-            model_args, data_args, adapter, train_args, by_task[t], out / _safe_dir_name(t, taken)
-        )
+        try:
+            result[t] = _train_one(
+                model_args, data_args, adapter, train_args, by_task[t], out / _safe_dir_name(t, taken)
+            )
+        except DataError as exc:  # e.g. every example of this task longer than --max_seq_length
+            warnings.warn(f"lorahub: no LoRA for task {t!r}: {exc}", stacklevel=2)
+    if not result:
+        raise DataError("lorahub: no task had trainable examples (see the warnings above)")
     return result
 
 
@@ -478,15 +483,22 @@ def run_lorahub_method(
     hub = out / "lorahub"
     taken: set[str] = set()
     task_dirs = {t: _safe_dir_name(t, taken) for t in task_map}
-    lora_dirs = {
-        t: _train_one(model_args, data_args, adapter, train_args, by_task[t], hub / "loras" / task_dirs[t])
-        for t in task_map
-    }
+    lora_dirs: dict[str, Path] = {}
+    for t in task_map:
+        try:
+            lora_dirs[t] = _train_one(
+                model_args, data_args, adapter, train_args, by_task[t], hub / "loras" / task_dirs[t]
+            )
+        except DataError as exc:  # e.g. every example of this task longer than --max_seq_length
+            warnings.warn(f"lorahub: no LoRA for task {t!r}: {exc}", stacklevel=2)
+    if not lora_dirs:
+        raise DataError("lorahub: no task had trainable examples (see the warnings above)")
+    tasks_ok = list(lora_dirs)
     if not train_args.should_save:  # not the main process of a distributed run
         return out / "sft_lora_model"
     model, tokenizer = load_base_model(model_args, train_args)
     model.eval()
-    loras = [read_peft_lora(lora_dirs[t]) for t in task_map]
+    loras = [read_peft_lora(lora_dirs[t]) for t in tasks_ok]
     targets = _target_modules(loras, loras[0])
     summary: dict[str, Any] = {
         "task_map": task_map,
@@ -501,9 +513,9 @@ def run_lorahub_method(
         template=data_args.template,
     )
     base_name = model_args.model_name_or_path
-    for t in task_map:
+    for t in tasks_ok:
         result, composed = compose(model, tokenizer, loras, by_task[t][:examples_per_task], **common)
-        result.lora_dirs = [str(lora_dirs[x]) for x in task_map]
+        result.lora_dirs = [str(lora_dirs[x]) for x in tasks_ok]
         save_composed(
             hub / task_dirs[t],
             composed,
@@ -517,9 +529,9 @@ def run_lorahub_method(
             "weights": result.weights,
             "objective": result.objective,
         }
-    mixed = [r for t in task_map for r in by_task[t][:examples_per_task]]
+    mixed = [r for t in tasks_ok for r in by_task[t][:examples_per_task]]
     result, composed = compose(model, tokenizer, loras, mixed, **common)
-    result.lora_dirs = [str(lora_dirs[x]) for x in task_map]
+    result.lora_dirs = [str(lora_dirs[x]) for x in tasks_ok]
     default_dir = out / "sft_lora_model"
     save_composed(
         default_dir,

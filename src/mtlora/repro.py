@@ -7,6 +7,7 @@
 
 Tables (the paper's ``tables/*.sh`` names are accepted too):
 
+* ``table1`` (``main``): the baselines: LoRAHub, MMoELoRA (task-id gated), HydraLoRA, full mtLoRA;
 * ``table2`` (``0_main_ablation``): HydraLoRA q,v → + block FFN → + spectral → + FGR (gs 2048) → full mtLoRA;
 * ``table3`` (``1_routing_granularity``): block FFN + FGR, gs ∈ {4096, 2048, 512, 256, 128};
 * ``table4`` (``2_block_level``): component q,v vs block attention / ffn / both;
@@ -40,6 +41,12 @@ ASSETS = Path(__file__).resolve().parent / "assets" / "train_data"
 PAPER_HIDDEN = {"7b": 4096, "13b": 5120}
 
 # Published numbers (README of the paper's code): (Dolly-15k → MMLU, Flan-v2 → BBH).
+PAPER_TABLE1 = {
+    "lorahub": (42.0, 34.9),
+    "mmoelora": (42.1, 35.4),
+    "hydralora": (42.4, 36.9),
+    "mtlora_full": (44.5, 38.5),
+}
 PAPER_TABLE2 = {
     "hydralora": (41.6, 35.5),
     "block_ffn": (43.7, 37.9),
@@ -69,6 +76,21 @@ HYDRA = ["--method", "hydralora", "--target_modules", "q_proj,v_proj"]
 
 
 def table_rows(table: str) -> list[Row]:
+    if table == "table1":
+        return [
+            Row(
+                "lorahub",
+                "LoRAHub (per-task LoRAs, composed)",
+                ["--method", "lorahub", "--target_modules", "q_proj,v_proj"],
+            ),
+            Row(
+                "mmoelora",
+                "MMoELoRA (task-id gated)",
+                ["--method", "mmoelora", "--target_modules", "q_proj,v_proj"],
+            ),
+            Row("hydralora", "HydraLoRA", HYDRA),
+            Row("mtlora_full", "mtLoRA (block + spectral + FGR)", _block(), spectral=True, group_size=2048),
+        ]
     if table == "table2":
         return [
             Row("hydralora", "HydraLoRA (component q,v)", HYDRA),
@@ -99,6 +121,7 @@ def table_rows(table: str) -> list[Row]:
 
 
 TABLE_ALIASES = {
+    "table1": "table1", "main": "table1",
     "table2": "table2", "0_main_ablation": "table2", "tables/0_main_ablation.sh": "table2",
     "table3": "table3", "1_routing_granularity": "table3", "tables/1_routing_granularity.sh": "table3",
     "table4": "table4", "2_block_level": "table4", "tables/2_block_level.sh": "table4",
@@ -131,7 +154,7 @@ def build_commands(
         "--model_name_or_path", args.model_name_or_path, "--dataset_dir", str(data_dir),
         "--output_dir", str(run_dir), *row.flags,
         "--lora_rank", "16", "--lora_alpha", "64", "--lora_nums", "16", "--lora_dropout", "0.05",
-        "--enable_blc", "--blc_alpha", "0.01", "--learning_rate", "2e-4", "--max_seq_length", "512",
+        "--learning_rate", "2e-4", "--max_seq_length", "512",
         "--seed", "42", "--save_strategy", "no", "--logging_steps", "10",
     ]  # fmt: skip
     if row.spectral:
@@ -213,6 +236,27 @@ def _run_train(argv: list[str], num_gpus: int) -> None:
     train_main(argv)
 
 
+def _manifest(run_dir: Path) -> dict[str, Any]:
+    """The run manifest, or (LoRAHub, which composes rather than trains one adapter) counts from the adapter."""
+    path = run_dir / "run_manifest.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from safetensors import safe_open
+
+    n = 0
+    with safe_open(str(run_dir / "sft_lora_model" / "adapter_model.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            n += _prod(f.get_slice(k).get_shape())
+    return {"trainable_params": n, "total_params": None}
+
+
+def _prod(shape: list[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
 def _accuracy(run_dir: Path, bench: str) -> float | None:
     path = run_dir / f"{bench}_eval" / f"{bench}_results.json"
     if not path.is_file():
@@ -262,7 +306,7 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
                 rc = eval_run(bench, cmds["eval"], prog=f"eval_{bench}.py")
                 if rc:
                     raise MtLoraError(f"evaluation of {run_dir} failed with exit code {rc}")
-                manifest = json.loads((run_dir / "run_manifest.json").read_text())
+                manifest = _manifest(run_dir)
                 res = {
                     "config_hash": h,
                     "table": args.table,
@@ -286,14 +330,14 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_table(results: dict[str, Any], setups: list[str]) -> str:
-    paper = PAPER_TABLE2 if results["table"] == "table2" else {}
+    paper = {"table1": PAPER_TABLE1, "table2": PAPER_TABLE2}.get(results["table"], {})
     head = "| configuration | params | " + " | ".join(
         f"{'Dolly→MMLU' if s == 'mmlu' else 'Flan→BBH'} (ours / paper)" for s in setups
     )
     lines = [head + " |", "|---|---:|" + "---:|" * len(setups)]
     for r in results["rows"]:
         tp, tot = r.get("trainable_params"), r.get("total_params")
-        params = f"{tp:,d} ({100 * tp / tot:.2f}%)" if tp and tot else "—"
+        params = f"{tp:,d} ({100 * tp / tot:.2f}%)" if tp and tot else (f"{tp:,d}" if tp else "—")
         cells = []
         for s in setups:
             ours = r.get(s)
@@ -307,7 +351,9 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="mtlora repro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("table", help="table2 | table3 | table4 | tableS7 (or the paper's tables/*.sh names)")
+    p.add_argument(
+        "table", help="table1 | table2 | table3 | table4 | tableS7 (or the paper's tables/*.sh names)"
+    )
     p.add_argument("--output_dir", default="repro_out")
     p.add_argument(
         "--model_name_or_path",
@@ -338,7 +384,9 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     table = TABLE_ALIASES.get(args.table) or TABLE_ALIASES.get(args.table.lower())
     if table is None:
-        raise MtLoraError(f"unknown table {args.table!r}; choose from table2, table3, table4, tableS7")
+        raise MtLoraError(
+            f"unknown table {args.table!r}; choose from table1, table2, table3, table4, tableS7"
+        )
     args.table = table
     args.setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     bad = set(args.setups) - set(SETUPS)
