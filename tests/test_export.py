@@ -196,7 +196,7 @@ def test_exports_match_static_forward_in_plain_peft(data_file: Path, tmp_path: P
                 merged = AutoModelForCausalLM.from_pretrained(task_dir / "merged").eval()
                 with torch.no_grad():
                     got = merged(input_ids=IDS).logits
-                assert (got - expected[task]).abs().max() < 1e-4
+                assert (got - expected[task]).abs().max() < 3e-4
             if name == "mmoelora":
                 assert abs(entry["nll_gap"]) < 1e-5 and entry["accuracy_gap"] == 0
     spec = tmp_path / "spec.json"

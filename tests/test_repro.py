@@ -45,7 +45,8 @@ def test_table2_smoke(tmp_path, capsys) -> None:
     out = tmp_path / "R"
     assert cli_main(["repro", "table2", "--smoke", "--output_dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    table = [x for x in printed.splitlines() if x.startswith("| ") and "configuration" not in x]
+    final = printed[printed.rindex("table2 (smoke") :]  # the assembled table printed last
+    table = [x for x in final.splitlines() if x.startswith("| ") and "configuration" not in x]
     assert len(table) == 5, printed[-3000:]
     res = json.loads((out / "table2" / "results.json").read_text())
     assert [r["id"] for r in res["rows"]] == [r.id for r in table_rows("table2")]
