@@ -104,10 +104,16 @@ def _with_balance_fields(out: Any, **extra: torch.Tensor) -> Any:
 
     cls = type(out)
     if not isinstance(out, ModelOutput):
-        raise MtLoraError(f"the base model returned {cls.__name__}; the balance loss needs a ModelOutput (return_dict=True)")
+        raise MtLoraError(
+            f"the base model returned {cls.__name__}; the balance loss needs a ModelOutput (return_dict=True)"
+        )
     if cls not in _OUTPUT_TYPES:
-        fields = [(name, torch.Tensor | None, dataclasses.field(default=None)) for name in _EXTRA_OUTPUT_FIELDS]
-        _OUTPUT_TYPES[cls] = dataclasses.make_dataclass(f"{cls.__name__}WithBalanceLoss", fields, bases=(cls,))
+        fields = [
+            (name, torch.Tensor | None, dataclasses.field(default=None)) for name in _EXTRA_OUTPUT_FIELDS
+        ]
+        _OUTPUT_TYPES[cls] = dataclasses.make_dataclass(
+            f"{cls.__name__}WithBalanceLoss", fields, bases=(cls,)
+        )
     return _OUTPUT_TYPES[cls](**{k: v for k, v in out.items()}, **extra)
 
 
