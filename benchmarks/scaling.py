@@ -1,0 +1,347 @@
+"""Accuracy vs number of tasks: does multi-task adaptation collapse as N grows, and does mtLoRA reduce it?
+
+For each N in ``--ns`` (default 5, 10, 15, 25; ``--extended`` adds 36, the whole suite) this trains every
+method on the first N tasks of the many-task letter suite (:mod:`mtlora.data.manytask`) and scores exact match
+on unseen test inputs. Methods (``--methods``): ``lora``, ``hydralora`` and the rows of the paper's Table 2
+ablation -- HydraLoRA -> ``block_ffn`` -> ``block_ffn_spectral`` / ``block_ffn_fgr`` -> ``mtlora`` (block FFN +
+spectral + FGR); ``mmoelora`` is optional. Each (N, method, seed) gets the same budget: ``steps(N) =
+clamp(steps_per_task * N, min_steps, max_steps)`` optimizer steps at one batch size, learning rate and rank.
+
+Reuses :mod:`mtlora.demo` (no copies): the tiny bundled base (stories260k) is pre-trained once on 18
+non-evaluated tasks (``pretrain_base``, cached under ``--cache_dir``), each method is trained through
+``mtlora train``'s code path (``train_method``) and evaluated with batched greedy generation
+(``evaluate_model``). Why the tiny base and not a random-initialised Llama: the demo measured that the
+pre-trained tiny base learns these tasks through adapters in CPU minutes (docs/demo.md); a random Llama has no
+notion of reading or writing letter lists, so adapters on it stay at chance for any CPU budget.
+
+Seeds: the suite (data, test inputs) and the pre-trained base are fixed (``--data_seed``); ``--seeds``
+changes the training seed (adapter initialisation, data order). Mean +- sample std over seeds is reported.
+Nothing is tuned on the test split. Besides the average over all N tasks, the summary has ``common_mean``:
+the average over the first ``min(N)`` tasks only, which are present at every N (task difficulty cancels).
+
+Writes ``benchmarks/results/scaling.json`` and ``scaling.png``; the output ends with one line per method,
+``method=<m> tasks=<N> acc=<mean>±<std>`` (exact match in %, for the largest N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+_BLOCK = ["--method", "mtlora", "--lora_nums", "4", "--enable_blc", "--enable_block_adapter"]
+#: Adapter flags per method (``mtlora train`` syntax); lora/hydralora/mtlora/mmoelora are the demo's.
+METHODS: dict[str, list[str]] = {
+    "lora": ["--method", "lora"],
+    "hydralora": ["--method", "hydralora", "--lora_nums", "4", "--enable_blc"],
+    "block_ffn": [*_BLOCK, "--block_adapter_type", "ffn"],
+    "block_ffn_spectral": [*_BLOCK, "--block_adapter_type", "ffn", "--enable_spectral_reg"],
+    "block_ffn_fgr": [*_BLOCK, "--block_adapter_type", "ffn", "--enable_fine_grained_routing"],
+    "mtlora": [
+        *_BLOCK,
+        "--block_adapter_type",
+        "ffn",
+        "--enable_spectral_reg",
+        "--enable_fine_grained_routing",
+    ],
+    "mmoelora": ["--method", "mmoelora", "--expert_num", "4"],
+}
+DEFAULT_METHODS = ("lora", "hydralora", "block_ffn", "block_ffn_spectral", "block_ffn_fgr", "mtlora")
+QUICK_METHODS = ("lora", "hydralora", "mtlora")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scaling.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Average exact match vs number of tasks N, per method, mean ± std over seeds (CPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--ns", default=None, help="Comma list of task counts (default 5,10,15,25; quick 5,15).")
+    p.add_argument("--extended", action="store_true", help="Also run N=36 (the whole suite).")
+    p.add_argument("--methods", default=None, help=f"Comma list of {', '.join(METHODS)}.")
+    p.add_argument("--seeds", default=None, help="Comma list of training seeds (default 1,2; quick 1).")
+    p.add_argument(
+        "--data_seed", type=int, default=42, help="Seed of the suite and of the base pre-training."
+    )
+    p.add_argument("--steps_per_task", type=int, default=32, help="Optimizer steps per task (equal budget).")
+    p.add_argument("--min_steps", type=int, default=100, help="Lower clamp on the steps of one run.")
+    p.add_argument(
+        "--max_steps", type=int, default=1000, help="Upper clamp (in the default grid only N=36 hits it)."
+    )
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--learning_rate", type=float, default=3e-3)
+    p.add_argument("--lora_rank", type=int, default=8)
+    p.add_argument("--train_per_task", type=int, default=100, help="Training examples per task.")
+    p.add_argument("--test_per_task", type=int, default=20, help="Test inputs per task (same for all tasks).")
+    p.add_argument("--pretrain_steps", type=int, default=1500, help="Base pre-training steps (cached).")
+    p.add_argument("--eval_batch_size", type=int, default=128)
+    p.add_argument("--num_threads", type=int, default=1, help="torch threads (1 is fastest here, see demo).")
+    p.add_argument(
+        "--cache_dir", default=None, help="Pre-trained base + work folder (default results/cache)."
+    )
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON path; the PNG goes next to it.")
+    p.add_argument("--keep_runs", action="store_true", help="Keep the trained adapters under cache_dir/work.")
+    p.add_argument("--quick", action="store_true", help="N=5,15, lora/hydralora/mtlora, 1 seed (< 5 min).")
+    return p
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def resolve(ns: argparse.Namespace) -> argparse.Namespace:
+    from mtlora.data.manytask import TASKS
+
+    q = ns.quick
+    ns.ns = _ints(ns.ns) if ns.ns else ([5, 15] if q else [5, 10, 15, 25])
+    if ns.extended and len(TASKS) not in ns.ns:
+        ns.ns.append(len(TASKS))
+    ns.ns = sorted(set(ns.ns))
+    ns.methods = [
+        m.strip() for m in (ns.methods or ",".join(QUICK_METHODS if q else DEFAULT_METHODS)).split(",")
+    ]
+    ns.methods = [m for m in ns.methods if m]
+    ns.seeds = _ints(ns.seeds) if ns.seeds else ([1] if q else [1, 2])
+    bad = [m for m in ns.methods if m not in METHODS]
+    if bad or not ns.methods:
+        raise SystemExit(f"--methods {bad or ns.methods}: choose from {', '.join(METHODS)}")
+    if not ns.ns or min(ns.ns) < 1 or max(ns.ns) > len(TASKS):
+        raise SystemExit(f"--ns must be in 1..{len(TASKS)}")
+    if not ns.seeds:
+        raise SystemExit("--seeds: need at least one seed")
+    if ns.min_steps < 1 or ns.max_steps < ns.min_steps or ns.steps_per_task < 1:
+        raise SystemExit("need 1 <= --min_steps <= --max_steps and --steps_per_task >= 1")
+    ns.cache_dir = Path(ns.cache_dir) if ns.cache_dir else Path(ns.out).resolve().parent / "cache"
+    return ns
+
+
+def steps_for(n: int, ns: argparse.Namespace) -> int:
+    """Equal budget of every method at N tasks: proportional to N, clamped."""
+    return max(ns.min_steps, min(ns.max_steps, ns.steps_per_task * n))
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(runs: list[dict[str, Any]], ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Per method and N: mean ± std over seeds of the average over all N tasks, and of the average over the
+    tasks of the smallest N only (``common_*``: the same tasks at every N, so task difficulty cancels)."""
+    from mtlora.data.manytask import task_names
+
+    common = task_names()[: min(ns.ns)]
+    summary: dict[str, dict[str, Any]] = {}
+    for method in ns.methods:
+        summary[method] = {}
+        for n in ns.ns:
+            rows = [r for r in runs if r["method"] == method and r["tasks"] == n]
+            accs = [r["accuracy"] for r in rows]
+            common_accs = [statistics.fmean(r["per_task"][t] for t in common) for r in rows]
+            m, s = mean_std(accs)
+            cm, cs = mean_std(common_accs)
+            summary[method][str(n)] = {
+                "mean": m, "std": s, "per_seed": accs, "common_mean": cm, "common_std": cs,
+                "common_per_seed": common_accs, "steps": steps_for(n, ns),
+            }  # fmt: skip
+    return summary
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = results["config"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    titles = ("average over all N tasks", f"average over the first {min(cfg['ns'])} tasks (in every N)")
+    for ax, prefix, title in zip(axes, ("", "common_"), titles):
+        for method, rows in results["summary"].items():
+            ns_ = sorted(int(n) for n in rows)
+            means = [100 * rows[str(n)][prefix + "mean"] for n in ns_]
+            stds = [100 * rows[str(n)][prefix + "std"] for n in ns_]
+            ax.errorbar(ns_, means, yerr=stds, marker="o", capsize=3, label=method)
+        ax.set_xlabel("number of tasks N")
+        ax.set_ylabel("exact match (%), mean ± std over seeds")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"scaling: {cfg['model']}, {len(cfg['seeds'])} seed(s), steps=clamp({cfg['steps_per_task']}·N, "
+        f"{cfg['min_steps']}, {cfg['max_steps']})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(ns: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from mtlora import demo as _demo
+    from mtlora.data.manytask import build_suite, macro_average, score
+    from mtlora.demo import BUNDLED_MODEL, _answer_budget, evaluate_model, pretrain_base, train_method
+    from mtlora.hub import load_tokenizer
+
+    t_start = time.time()
+    torch.set_num_threads(ns.num_threads)
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    machine = _common.machine_info("cpu")
+    cache_dir: Path = ns.cache_dir
+    work = cache_dir / "work"
+    common = dict(
+        model_name_or_path=BUNDLED_MODEL, device="cpu", train_per_task=ns.train_per_task,
+        test_per_task=ns.test_per_task, batch_size=ns.batch_size, learning_rate=ns.learning_rate,
+        lora_rank=ns.lora_rank, eval_batch_size=ns.eval_batch_size, epochs=None, train_args="",
+    )  # fmt: skip
+
+    # The base is pre-trained once: the test inputs depend only on (data_seed, test_per_task), so every N
+    # excludes the same inputs and shares one cached base.
+    largest = build_suite(max(ns.ns), ns.train_per_task, ns.test_per_task, ns.data_seed)
+    pre_ns = argparse.Namespace(
+        **{**common, "batch_size": 16}, seed=ns.data_seed, pretrain_steps=ns.pretrain_steps
+    )
+    print(
+        f"[base] pre-training / loading the tiny base ({ns.pretrain_steps} steps, cache {cache_dir})",
+        flush=True,
+    )
+    base_path, pretrain_info = pretrain_base(pre_ns, largest, cache_dir)
+    tokenizer = load_tokenizer(base_path)
+
+    runs: list[dict[str, Any]] = []
+    total = len(ns.ns) * len(ns.methods) * len(ns.seeds)
+    for n in ns.ns:
+        suite = build_suite(n, ns.train_per_task, ns.test_per_task, ns.data_seed)
+        out = work / f"n{n}"
+        data_dir = suite.write(out / "data")
+        test = suite.test_records()
+        budget = _answer_budget(suite.train, tokenizer)
+        steps = steps_for(n, ns)
+        for seed in ns.seeds:
+            for method in ns.methods:
+                t0 = time.time()
+                run_ns = argparse.Namespace(**common, seed=seed, max_steps=steps)
+                flags_backup = None
+                # train_method looks the flags up in demo.METHOD_FLAGS; add the ablation rows for this call.
+                if method not in _demo.METHOD_FLAGS:
+                    flags_backup = method
+                    _demo.METHOD_FLAGS[method] = METHODS[method]
+                try:
+                    manifest = train_method(method, base_path, data_dir, out, run_ns)
+                finally:
+                    if flags_backup is not None:
+                        _demo.METHOD_FLAGS.pop(flags_backup, None)
+                answers, eval_s = evaluate_model(
+                    base_path,
+                    Path(manifest["adapter_dir"]),
+                    test,
+                    run_ns,
+                    budget,
+                    desc=f"eval {method} N={n}",
+                )
+                per_task = score(answers, test)
+                row = {
+                    "tasks": n,
+                    "method": method,
+                    "seed": seed,
+                    "steps": steps,
+                    "accuracy": macro_average(per_task),
+                    "per_task": per_task,
+                    "train_loss": manifest.get("train_loss"),
+                    "trainable_params": manifest.get("trainable_params"),
+                    "train_seconds": manifest.get("seconds"),
+                    "eval_seconds": round(eval_s, 2),
+                    "wall_seconds": round(time.time() - t0, 2),
+                }
+                runs.append(row)
+                print(
+                    f"[{len(runs)}/{total}] N={n} {method} seed={seed} steps={steps}: "
+                    f"acc={100 * row['accuracy']:.1f}% loss={row['train_loss']:.3f} ({row['wall_seconds']:.0f} s)",
+                    flush=True,
+                )
+                if not ns.keep_runs:
+                    shutil.rmtree(out / "runs" / method, ignore_errors=True)
+
+    summary = summarize(runs, ns)
+    results: dict[str, Any] = {
+        "benchmark": "scaling",
+        "machine": machine,
+        "load_average_start": load_start,
+        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "config": {
+            "model": BUNDLED_MODEL,
+            "ns": ns.ns,
+            "methods": ns.methods,
+            "method_flags": {m: METHODS[m] for m in ns.methods},
+            "seeds": ns.seeds,
+            "data_seed": ns.data_seed,
+            "steps_per_task": ns.steps_per_task,
+            "min_steps": ns.min_steps,
+            "max_steps": ns.max_steps,
+            "steps": {str(n): steps_for(n, ns) for n in ns.ns},
+            "batch_size": ns.batch_size,
+            "learning_rate": ns.learning_rate,
+            "lora_rank": ns.lora_rank,
+            "train_per_task": ns.train_per_task,
+            "test_per_task": ns.test_per_task,
+            "num_threads": ns.num_threads,
+            "quick": ns.quick,
+        },
+        "base_pretraining": {k: v for k, v in pretrain_info.items() if k != "tasks"},
+        "summary": summary,
+        "runs": runs,
+        "total_seconds": round(time.time() - t_start, 2),
+    }
+    out_json = _common.write_json(ns.out, results)
+    plot(results, out_json.with_suffix(".png"))
+    if not ns.keep_runs:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def report(results: dict[str, Any]) -> list[str]:
+    """The closing lines: one per method at the largest N (accuracy in %)."""
+    n = str(max(results["config"]["ns"]))
+    return [
+        f"method={m} tasks={n} acc={100 * rows[n]['mean']:.1f}±{100 * rows[n]['std']:.1f}"
+        for m, rows in results["summary"].items()
+    ]
+
+
+def table(results: dict[str, Any], prefix: str = "") -> str:
+    """Markdown table method x N of ``mean ± std`` (%); ``prefix="common_"`` for the first-tasks view."""
+    ns_ = [str(n) for n in results["config"]["ns"]]
+    lines = ["| method | " + " | ".join(f"N={n}" for n in ns_) + " |", "|---|" + "---:|" * len(ns_)]
+    for m, rows in results["summary"].items():
+        cells = [f"{100 * rows[n][prefix + 'mean']:.1f} ± {100 * rows[n][prefix + 'std']:.1f}" for n in ns_]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = resolve(build_parser().parse_args(argv))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from mtlora.demo import _quiet_libraries
+
+    with _quiet_libraries():
+        results = run(ns)
+    print("\naverage exact match (%) over all N tasks\n" + table(results))
+    print(f"\nexact match (%) over the first {min(ns.ns)} tasks only\n" + table(results, "common_"))
+    print(f"\ntotal {results['total_seconds']:.0f} s; wrote {ns.out} and {Path(ns.out).with_suffix('.png')}")
+    print("\n".join(report(results)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
