@@ -4,7 +4,7 @@ For each N in ``--ns`` (default 5, 10, 15, 25; ``--extended`` adds 36, the whole
 method on the first N tasks of the many-task letter suite (:mod:`mtlora.data.manytask`) and scores exact match
 on unseen test inputs. Methods (``--methods``): ``lora``, ``hydralora`` and the rows of the paper's Table 2
 ablation -- HydraLoRA -> ``block_ffn`` -> ``block_ffn_spectral`` / ``block_ffn_fgr`` -> ``mtlora`` (block FFN +
-spectral + FGR); ``mmoelora`` is optional. Each (N, method, seed) gets the same budget: ``steps(N) =
+spectral + FGR); ``mmoelora`` and ``lorahub`` are optional. Each (N, method, seed) gets the same budget: ``steps(N) =
 clamp(steps_per_task * N, min_steps, max_steps)`` optimizer steps at one batch size, learning rate and rank.
 
 Reuses :mod:`mtlora.demo` (no copies): the tiny bundled base (stories260k) is pre-trained once on 18
@@ -53,6 +53,7 @@ METHODS: dict[str, list[str]] = {
         "--enable_fine_grained_routing",
     ],
     "mmoelora": ["--method", "mmoelora", "--expert_num", "4"],
+    "lorahub": ["--method", "lorahub"],  # one LoRA per task (budget split across tasks), LoRAHub-composed
 }
 DEFAULT_METHODS = ("lora", "hydralora", "block_ffn", "block_ffn_spectral", "block_ffn_fgr", "mtlora")
 QUICK_METHODS = ("lora", "hydralora", "mtlora")
@@ -267,7 +268,9 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 runs.append(row)
                 print(
                     f"[{len(runs)}/{total}] N={n} {method} seed={seed} steps={steps}: "
-                    f"acc={100 * row['accuracy']:.1f}% loss={row['train_loss']:.3f} ({row['wall_seconds']:.0f} s)",
+                    f"acc={100 * row['accuracy']:.1f}% "
+                    + (f"loss={row['train_loss']:.3f} " if row["train_loss"] is not None else "")
+                    + f"({row['wall_seconds']:.0f} s)",
                     flush=True,
                 )
                 if not ns.keep_runs:

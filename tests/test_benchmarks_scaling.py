@@ -57,3 +57,19 @@ def test_scaling_tiny(tmp_path, capsys) -> None:
         assert r["steps"] == 10 and len(r["per_task"]) == r["tasks"] and r["trainable_params"] > 0
     assert "cpu_count" in data["machine"] and data["total_seconds"] > 0
     assert not (tmp_path / "cache" / "work").exists()  # trained adapters are removed unless --keep_runs
+
+
+def test_scaling_runs_the_baselines(tmp_path, capsys) -> None:
+    """LoRAHub (per-task LoRAs, composed) and MMoELoRA (task-id gate) take part in the scaling benchmark."""
+    out = tmp_path / "scaling.json"
+    argv = ["--ns", "2", "--methods", "lorahub,mmoelora", "--seeds", "0", "--steps_per_task", "5",
+            "--min_steps", "20", "--max_steps", "20", "--train_per_task", "8", "--test_per_task", "2",
+            "--pretrain_steps", "4", "--cache_dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    assert scaling.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("method=lorahub tasks=2 acc=") and lines[-1].startswith(
+        "method=mmoelora tasks=2 acc="
+    )
+    data = json.loads(out.read_text())
+    assert {r["method"] for r in data["runs"]} == {"lorahub", "mmoelora"}
+    assert all(r["trainable_params"] > 0 for r in data["runs"])

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -46,6 +47,7 @@ METHOD_FLAGS: dict[str, list[str]] = {
     "lora": ["--method", "lora"],
     "hydralora": ["--method", "hydralora", "--lora_nums", "4", "--enable_blc"],
     "mmoelora": ["--method", "mmoelora", "--expert_num", "4"],
+    "lorahub": ["--method", "lorahub"],
     "mtlora": [
         "--method", "mtlora", "--lora_nums", "4", "--enable_blc",
         "--enable_block_adapter", "--block_adapter_type", "ffn",
@@ -430,7 +432,14 @@ def evaluate_model(
         ns.device
     )
     task_map = None
-    if adapter_dir is not None:
+    if (
+        adapter_dir is not None
+        and json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("peft_type") == "LORA"
+    ):  # LoRAHub's composed adapter is a plain peft LoRA
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    elif adapter_dir is not None:
         model = MtLoraModel.from_pretrained(model, adapter_dir)
         if model.mtlora_config.router_kind == "task":
             task_map = load_task_map(adapter_dir / "task_map.json")
@@ -470,11 +479,41 @@ def train_method(
         "--report_to", "none", *budget, *_device_flags(ns.device), *METHOD_FLAGS[method],
         *shlex.split(ns.train_args),
     ]  # fmt: skip
+    if METHOD_FLAGS[method][:2] == ["--method", "lorahub"]:
+        return _train_lorahub(argv, run_dir, data_dir)
     adapter_dir = train(*parse_train_args(argv, prog="mtlora demo"))
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     manifest["adapter_dir"] = str(adapter_dir)
     manifest["argv"] = argv
     return manifest
+
+
+def _train_lorahub(argv: list[str], run_dir: Path, data_dir: Path) -> dict[str, Any]:
+    """LoRAHub: one plain LoRA per task, then composed per task. Equal total budget: the step budget is split
+    across the tasks' LoRAs (each gets ``max_steps / num_tasks``, at least 10)."""
+    from mtlora.data import build_task_map, load_records
+    from mtlora.lorahub import lorahub_train_argv, run_lorahub_method
+    from mtlora.training.arguments import parse_train_args
+
+    t0 = time.time()
+    num_tasks = len(build_task_map(load_records(data_dir)))
+    argv = list(argv)
+    if "--max_steps" in argv:
+        i = argv.index("--max_steps") + 1
+        argv[i] = str(max(int(argv[i]) // max(num_tasks, 1), 10))
+    hub_argv = lorahub_train_argv(argv)
+    assert hub_argv is not None
+    adapter_dir = run_lorahub_method(*parse_train_args(hub_argv, prog="mtlora demo"))
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
+        trainable = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return {
+        "adapter_dir": str(adapter_dir),
+        "argv": argv,
+        "trainable_params": trainable,
+        "seconds": time.time() - t0,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- reporting
