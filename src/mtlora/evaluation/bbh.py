@@ -20,7 +20,7 @@ from mtlora.errors import MtLoraError
 from mtlora.evaluation.data import BBH_CATEGORIES, BBHTask, content_hash
 from mtlora.evaluation.engine import Engine, GenRequest
 from mtlora.evaluation.prompts import bbh_harness_parts, bbh_paper_parts, fit_prompt
-from mtlora.evaluation.report import category_scores
+from mtlora.evaluation.report import category_scores, summarize_rows
 from mtlora.evaluation.scoring import (
     HARNESS_BBH_STOP,
     cut_at_stop,
@@ -147,17 +147,9 @@ def evaluate_bbh(
                     "question_truncated": f.question_truncated,
                 }
             )
-        correct = sum(r["correct"] for r in rows)
-        per_task[task.name] = (correct, len(rows))
-        task_results[task.name] = {
-            "accuracy": correct / len(rows) if rows else 0.0,
-            "correct": correct,
-            "total": len(rows),
-            "category": BBH_CATEGORIES.get(task.name, "nlp"),
-            "prompts_with_fewer_exemplars": sum(r["num_exemplars"] < num_few_shot for r in rows),
-            "questions_truncated": sum(r["question_truncated"] for r in rows),
-            "predictions": rows,
-        }
+        summary = summarize_rows(rows, BBH_CATEGORIES.get(task.name, "nlp"), num_few_shot)
+        per_task[task.name] = (summary["correct"], len(rows))
+        task_results[task.name] = {**summary, "predictions": rows}
     outer.close()
     total_correct = sum(c for c, _ in per_task.values())
     total = sum(n for _, n in per_task.values())

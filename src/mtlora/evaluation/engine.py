@@ -214,13 +214,7 @@ class Engine:
             for members in by_group.values():
                 plen = self._prefix_len(members, [len(m) - need[m] for m in members])
                 state = self._prefix_state(list(members[0][:plen]), task_id)
-                members = sorted(members, key=lambda m: -len(m))
-                for start in range(0, len(members), self.batch_size):
-                    chunk = members[start : start + self.batch_size]
-                    width = max(len(m) - plen for m in chunk)
-                    batch = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-                    for i, m in enumerate(chunk):
-                        batch[i, : len(m) - plen] = torch.tensor(m[plen:], dtype=torch.long)
+                for chunk, batch, width in self._suffix_batches(members, plen):
                     keep = width - min(len(m) - plen - need[m] for m in chunk)
                     logits, _ = self._forward(
                         batch.to(self.device),
@@ -262,13 +256,7 @@ class Engine:
             for members in by_group.values():
                 plen = self._prefix_len(members, [len(m) - 1 for m in members])
                 state = self._prefix_state(list(members[0][:plen]), task_id)
-                members = sorted(members, key=lambda m: -len(m))
-                for start in range(0, len(members), self.batch_size):
-                    chunk = members[start : start + self.batch_size]
-                    width = max(len(m) - plen for m in chunk)
-                    batch = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-                    for i, m in enumerate(chunk):
-                        batch[i, : len(m) - plen] = torch.tensor(m[plen:], dtype=torch.long)
+                for chunk, batch, width in self._suffix_batches(members, plen):
                     keep = width - min(len(m) - plen for m in chunk) + 1
                     logits, _ = self._forward(
                         batch.to(self.device),
@@ -282,6 +270,22 @@ class Engine:
                     bar.update(len(chunk))
         bar.close()
         return [best[tuple(p.prompt)] for p in prompts]
+
+    def _suffix_batches(self, members: Sequence[tuple[int, ...]], plen: int) -> Any:
+        """Longest-first batches of the prompts' suffixes after a shared ``plen``-token prefix, right-padded.
+
+        Yields ``(chunk, batch, width)``; shared by log-likelihood scoring and next-token prediction.
+        """
+        import torch
+
+        ordered = sorted(members, key=lambda m: -len(m))
+        for start in range(0, len(ordered), self.batch_size):
+            chunk = ordered[start : start + self.batch_size]
+            width = max(len(m) - plen for m in chunk)
+            batch = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            for i, m in enumerate(chunk):
+                batch[i, : len(m) - plen] = torch.tensor(m[plen:], dtype=torch.long)
+            yield chunk, batch, width
 
     # ------------------------------------------------------------------ generation
     def generate(

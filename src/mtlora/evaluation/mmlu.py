@@ -20,7 +20,7 @@ from mtlora.errors import MtLoraError
 from mtlora.evaluation.data import MMLU_CATEGORIES, MMLUSubject, content_hash
 from mtlora.evaluation.engine import Engine, GenRequest, ScoreRequest
 from mtlora.evaluation.prompts import fit_prompt, mmlu_harness_parts, mmlu_paper_parts
-from mtlora.evaluation.report import category_scores
+from mtlora.evaluation.report import category_scores, summarize_rows
 from mtlora.evaluation.scoring import LETTERS, argmax_choice, mean, paper_mmlu_prediction
 
 PAPER_PROMPT_LIMIT = 2048  # the released code tokenised with max_length=2048
@@ -128,16 +128,8 @@ def evaluate_mmlu(
                         "question_truncated": f.question_truncated,
                     }
                 )
-        correct = sum(r["correct"] for r in rows)
-        per_subject[subj.name] = (correct, len(rows))
-        details[subj.name] = {
-            "accuracy": correct / len(rows) if rows else 0.0,
-            "correct": correct,
-            "total": len(rows),
-            "category": MMLU_CATEGORIES.get(subj.name, "other"),
-            "prompts_with_fewer_exemplars": sum(r["num_exemplars"] < num_few_shot for r in rows),
-            "questions_truncated": sum(r["question_truncated"] for r in rows),
-        }
+        details[subj.name] = summarize_rows(rows, MMLU_CATEGORIES.get(subj.name, "other"), num_few_shot)
+        per_subject[subj.name] = (details[subj.name]["correct"], len(rows))
         predictions[subj.name] = rows
     outer.close()
     total_correct = sum(c for c, _ in per_subject.values())

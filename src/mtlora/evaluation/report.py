@@ -99,3 +99,16 @@ def markdown_table(
         bold = f"**{name}**"
         lines.append(f"| {bold:<{width}} | {shown} | {100 * acc:>7.2f}% |")
     return "\n".join(lines)
+
+
+def summarize_rows(rows: Sequence[Mapping[str, Any]], category: str, num_few_shot: int) -> dict[str, Any]:
+    """Per-task/subject summary shared by BBH and MMLU: accuracy, counts, category, truncation statistics."""
+    correct = sum(bool(r["correct"]) for r in rows)
+    return {
+        "accuracy": correct / len(rows) if rows else 0.0,
+        "correct": correct,
+        "total": len(rows),
+        "category": category,
+        "prompts_with_fewer_exemplars": sum(r["num_exemplars"] < num_few_shot for r in rows),
+        "questions_truncated": sum(r["question_truncated"] for r in rows),
+    }
