@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -61,6 +62,12 @@ def run(out_file: str) -> None:
         loss_for(ddp, ids, reg, inner=model).backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_file)
+        # Free DDP's reducer while the process group is alive and idle: if it is only collected at interpreter
+        # exit, ~ProcessGroupGloo joins its worker thread while holding the GIL, and that thread may need the
+        # GIL to drop a finished work item - a teardown deadlock seen once in ~50 runs.
+        dist.barrier()
+        del ddp
+        gc.collect()
     finally:
         dist.destroy_process_group()
 

@@ -48,6 +48,67 @@ def test_fused_equals_naive_outputs_and_gradients(case: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda s, n=name: f"{n}: {s}")
 
 
+@pytest.mark.parametrize("case", ["scalar", "fgr_g8", "topk", "bottleneck"])
+def test_router_in_a_gemm_equals_separate_router_call(case: str) -> None:
+    """The [A; W_router] GEMM gives the same outputs and gradients as calling the router module itself."""
+    m = _layer(case)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    g = torch.randn(3, 5, 32)
+    assert m._router_shares_gemm(x.reshape(-1, 24))
+    y = m(x)
+    grads = torch.autograd.grad((y * g).sum(), [x, *m.parameters()])
+    seen: list[torch.Tensor] = []
+    handle = m.router.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    try:
+        assert not m._router_shares_gemm(x.reshape(-1, 24))  # an observer must see the router's call
+        y_sep = m(x)
+        grads_sep = torch.autograd.grad((y_sep * g).sum(), [x, *m.parameters()])
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (15, m.num_groups, m.num_experts)
+    torch.testing.assert_close(y, y_sep, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, grads_sep):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_accumulating_into_the_base_output_equals_adding(case: str) -> None:
+    """``m(x, base=b)`` (the hooks' call: addmm / one sum) == ``b + m(x)``, outputs and every gradient."""
+    m = _layer(case)
+    m.state.task_ids = torch.tensor([0, 2, 1])
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    base = torch.randn(3, 5, 32, requires_grad=True)
+    g = torch.randn(3, 5, 32)
+    leaves = [x, base, *m.parameters()]
+    fused = m(x, base=base)
+    assert fused.shape == base.shape and fused.is_contiguous()
+    plain = base + m(x)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+    for a, b in zip(
+        torch.autograd.grad((fused * g).sum(), leaves), torch.autograd.grad((plain * g).sum(), leaves)
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes take the plain-sum path
+        out = m(x.bfloat16(), base=base.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), plain, atol=0.1, rtol=0.05)
+
+
+def test_router_gemm_sharing_conditions() -> None:
+    """Shared only when exact: no dropout in training, fp32 outside autocast, no fixed routing."""
+    x2 = torch.randn(4, 24)
+    m = MultiExpertLoRA(24, 32, 4, 4, router="token", dropout=0.1)
+    assert not m._router_shares_gemm(x2)  # dropout acts on A's input, not the router's
+    m.eval()
+    assert m._router_shares_gemm(x2)
+    assert not m._router_shares_gemm(x2.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not m._router_shares_gemm(x2)
+    m.fixed_routing = torch.full((1, 4), 0.25)
+    assert not m._router_shares_gemm(x2)
+    assert not MultiExpertLoRA(24, 32, 4, 1)._router_shares_gemm(x2)  # no router at all
+
+
 def test_init_output_is_zero() -> None:
     m = MultiExpertLoRA(16, 16, 4, 4, router="token", num_groups=2)
     assert torch.count_nonzero(m(torch.randn(2, 3, 16))) == 0

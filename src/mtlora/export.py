@@ -153,7 +153,9 @@ def task_gate_routing(model: MtLoraModel, task_id: int) -> dict[str, torch.Tenso
     return out
 
 
-def _collapsed_forward(adapter: MultiExpertLoRA, b_static: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _collapsed_forward(
+    adapter: MultiExpertLoRA, b_static: torch.Tensor, x: torch.Tensor, base: torch.Tensor | None = None
+) -> torch.Tensor:
     """``scaling · B_t act(A x)``: the adapter's own forward with the experts collapsed to ``B_t``.
 
     Same operations in the same order as peft's LoRA layer (``lora_B(lora_A(x)) * scaling``, added to the
@@ -169,7 +171,8 @@ def _collapsed_forward(adapter: MultiExpertLoRA, b_static: torch.Tensor, x: torc
     if adapter.style == "bottleneck":
         h = F.relu(h)
     y = F.linear(h, b_static) * adapter.scaling
-    return y.reshape(*batch_shape, adapter.out_features).to(out_dtype)
+    y = y.reshape(*batch_shape, adapter.out_features).to(out_dtype if base is None else base.dtype)
+    return y if base is None else base + y
 
 
 @contextlib.contextmanager
@@ -183,9 +186,10 @@ def static_routing(
     * ``collapse=True`` (default): each routed adapter computes ``scaling · B_t A x`` with the collapsed
       up-projection ``B_t = Σ_e diag(π̄_e) B_e`` (snapshot at entry), i.e. exactly what the export ships;
     * ``collapse=False``: the fused multi-expert forward runs unchanged with the router's output replaced
-      by the fixed weights - an independent computation of the same function (differs by float rounding).
+      by the fixed weights (``MultiExpertLoRA.fixed_routing``) - an independent computation of the same
+      function (differs by float rounding).
 
-    Either way only instance attributes of the adapters are shadowed (restored on exit); no class changes.
+    Either way only instance attributes of the adapters are set (restored on exit); no class changes.
     """
     swapped: list[nn.Module] = []
     try:
@@ -204,19 +208,13 @@ def static_routing(
                 b_static = static_up_projection(adapter, probs).to(adapter.lora_B.dtype)
                 adapter.__dict__["forward"] = functools.partial(_collapsed_forward, adapter, b_static)
             else:
-
-                def fixed(
-                    x2: torch.Tensor, batch_shape: tuple[int, ...], _p: torch.Tensor = probs
-                ) -> torch.Tensor:
-                    return _p.unsqueeze(0).expand(x2.shape[0], *_p.shape)
-
-                adapter.__dict__["routing_probs"] = fixed
+                adapter.fixed_routing = probs
             swapped.append(adapter)
         yield
     finally:
         for adapter in swapped:
             adapter.__dict__.pop("forward", None)
-            adapter.__dict__.pop("routing_probs", None)
+            adapter.fixed_routing = None
 
 
 # ============================================================================ calibration

@@ -117,7 +117,7 @@ def _component_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tens
     adapter = getattr(module, ADAPTER_ATTR)
     if not adapter.state.enabled:
         return output
-    return output + adapter(args[0])
+    return adapter(args[0], base=output)  # = output + Delta(x), accumulated in the adapter's last GEMM
 
 
 def _block_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
@@ -128,9 +128,9 @@ def _block_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     if x is None:
         raise PlacementError(f"{adapter.name}: could not find the block input (hidden_states) in the call")
     if isinstance(output, tuple):
-        return (output[0] + adapter(x),) + tuple(output[1:])
+        return (adapter(x, base=output[0]),) + tuple(output[1:])
     if isinstance(output, torch.Tensor):
-        return output + adapter(x)
+        return adapter(x, base=output)
     raise PlacementError(f"{adapter.name}: unsupported block output type {type(output).__name__}")
 
 

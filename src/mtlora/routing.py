@@ -63,7 +63,15 @@ class TokenRouter(nn.Module):
         return flat.view(x.shape[0], self.num_groups, self.num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _softmax_topk(self.logits(x), self.top_k)
+        return self.probs_from_logits(self.logits(x))
+
+    def probs_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """fp32 probabilities ``(N, G, E)`` from logits laid out ``(N, G*E)`` or ``(N, G, E)`` (group-major).
+
+        Split from :meth:`forward` so that :class:`mtlora.layers.MultiExpertLoRA` can compute the logits in
+        the same GEMM as its down-projection and still route exactly like this module.
+        """
+        return _softmax_topk(logits.reshape(logits.shape[0], self.num_groups, self.num_experts), self.top_k)
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, experts={self.num_experts}, groups={self.num_groups}, top_k={self.top_k}"
