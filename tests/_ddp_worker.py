@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from mtlora import MtLoraConfig, get_mtlora_model
 from mtlora.losses import SpectralRegularizer
+from mtlora.training.trainer import mean_over_ranks
 
 CFG = dict(
     method="mtlora",
@@ -62,6 +63,12 @@ def run(out_file: str) -> None:
         loss_for(ddp, ids, reg, inner=model).backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_file)
+        # logged auxiliary means are over every rank's micro-batches (rank r logged r+1 for 2 micro-batches,
+        # and only rank 1 recorded routing entropy)
+        sums = {"balance_loss": 2.0 * (rank + 1), **({"routing_entropy": 0.5} if rank == 1 else {})}
+        means = mean_over_ranks(sums, {k: (2 if k == "balance_loss" else 1) for k in sums})
+        expected = {"balance_loss": (2.0 + 4.0) / 4, "routing_entropy": 0.5}
+        assert means == expected, (rank, means, expected)
         # Free DDP's reducer while the process group is alive and idle: if it is only collected at interpreter
         # exit, ~ProcessGroupGloo joins its worker thread while holding the GIL, and that thread may need the
         # GIL to drop a finished work item - a teardown deadlock seen once in ~50 runs.

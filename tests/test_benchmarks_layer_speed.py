@@ -107,6 +107,7 @@ def test_quick_run_writes_json_and_prints_contract_line_last(
     _check_schema(data, quick=True)
     assert len(data["configs"]) == 1 and data["configs"][0]["groups"] == 1
     assert data["sweeps"] == {} and data["spectral"] is None and data["plot"] is None
+    assert data["malloc_reuse_variant"] is None
     s = data["summary"]
     assert (
         lines[-1]
@@ -134,3 +135,7 @@ def test_full_run_has_sweeps_spectral_and_plot(ls: ModuleType, tmp_path: Path) -
     for name in ("paper_term_loop", "paper_term_batched", "spectral_weights_refresh", "spectral_term_step"):
         assert spec["time_s"][name]["median_s"] > 0
     assert (tmp_path / data["plot"]).stat().st_size > 0
+    variant = data["malloc_reuse_variant"]  # the main config again, in a child with glibc buffer reuse
+    assert variant["env"] == ls.MALLOC_REUSE_ENV
+    assert variant["summary"]["config"] == data["summary"]["config"]
+    assert variant["summary"]["fused_vs_naive_speedup"] > 0 and variant["summary"]["fused_vs_flop_bound"] > 0

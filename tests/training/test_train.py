@@ -255,3 +255,14 @@ def test_two_process_ddp_training(dolly_dir: Path, tmp_path: Path) -> None:
     manifest = json.loads((out / "run_manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["global_steps"] == 3
     assert (out / "sft_lora_model" / "adapter_model.safetensors").is_file()
+
+
+def test_logged_auxiliary_means_single_process() -> None:
+    """Without a process group the logged means are local; unknown-to-all keys are left out (the 2-rank case
+    is checked in tests/_ddp_worker.py under torchrun)."""
+    from mtlora.training.trainer import mean_over_ranks
+
+    got = mean_over_ranks(
+        {"balance_loss": 3.0, "spectral_loss": 0.5}, {"balance_loss": 4, "spectral_loss": 1}
+    )
+    assert got == {"balance_loss": 0.75, "spectral_loss": 0.5}

@@ -11,7 +11,8 @@ the Trainer's GA scaling applies to all three terms. Logged every ``logging_step
 ``balance_loss``, ``spectral_loss`` (means over the micro-batches since the last log), ``routing_entropy``
 (mean per-token entropy of the routing distribution, over layers and groups) and expert usage
 (``expert_usage_max``/``expert_usage_min``: the largest/smallest mean routing share of an expert, averaged
-over layers; 1/E each when perfectly balanced).
+over layers; 1/E each when perfectly balanced). Under DDP/DeepSpeed these means are taken over every rank's
+micro-batches (:func:`mean_over_ranks`), like the Trainer's own ``loss``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,38 @@ def unwrap(model: torch.nn.Module) -> MtLoraModel:
             raise TypeError(f"expected an MtLoraModel, got {type(model).__name__}")
         model = inner
     return model
+
+
+#: The auxiliary quantities logged next to the Trainer's ``loss`` (fixed order: reduced as one vector).
+AUX_LOG_KEYS = (
+    "task_loss",
+    "balance_loss",
+    "spectral_loss",
+    "routing_entropy",
+    "expert_usage_max",
+    "expert_usage_min",
+)
+
+
+def mean_over_ranks(
+    sums: dict[str, float], counts: dict[str, int], device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Running means of :data:`AUX_LOG_KEYS` over all ranks: (sum of every rank's sums) / (sum of counts).
+
+    One ``all_reduce`` of a fixed-length vector, so every rank must call it (the Trainer calls ``log`` on all
+    ranks); without an initialised process group it is the local mean. Keys no rank recorded are left out.
+    """
+    import torch.distributed as dist
+
+    vec = torch.tensor(
+        [float(sums.get(k, 0.0)) for k in AUX_LOG_KEYS] + [float(counts.get(k, 0)) for k in AUX_LOG_KEYS],
+        dtype=torch.float64,
+        device=device,
+    )
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(vec)
+    n = len(AUX_LOG_KEYS)
+    return {k: float(vec[i] / vec[n + i]) for i, k in enumerate(AUX_LOG_KEYS) if vec[n + i] > 0}
 
 
 class MtLoraTrainer(Trainer):
@@ -97,6 +130,7 @@ class MtLoraTrainer(Trainer):
         return (self.state.global_step + 1) % every == 0 or self.state.global_step == 0
 
     def _add(self, key: str, value: torch.Tensor | float) -> None:
+        assert key in AUX_LOG_KEYS, key
         self._sums[key] += (
             float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
         )
@@ -112,9 +146,9 @@ class MtLoraTrainer(Trainer):
         self._add("expert_usage_min", usage.min(-1).values.mean())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: attach our running means and reset them
-            for k, total in self._sums.items():
-                logs[k] = round(total / max(self._counts[k], 1), 6)
+        if "loss" in logs:  # a training log: attach our running means (over all ranks) and reset them
+            for k, mean in mean_over_ranks(self._sums, self._counts, self.args.device).items():
+                logs[k] = round(mean, 6)
             self._sums.clear()
             self._counts.clear()
         super().log(logs, start_time)
