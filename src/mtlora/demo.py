@@ -418,31 +418,13 @@ def evaluate_model(
     desc: str,
 ) -> tuple[list[str], float]:
     """Load base (+ adapter), generate answers for ``records``; returns (answers, seconds)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from mtlora.data import load_task_map
-    from mtlora.hub import load_tokenizer, resolve_model_path
-    from mtlora.model import MtLoraModel
+    from mtlora.hub import load_model
 
     t0 = time.time()
-    tokenizer = load_tokenizer(base_path)
-    dtype = torch.float32 if ns.device == "cpu" else "auto"
-    model: Any = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_path), dtype=dtype).to(
-        ns.device
-    )
-    task_map = None
-    if (
-        adapter_dir is not None
-        and json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("peft_type") == "LORA"
-    ):  # LoRAHub's composed adapter is a plain peft LoRA
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
-    elif adapter_dir is not None:
-        model = MtLoraModel.from_pretrained(model, adapter_dir)
-        if model.mtlora_config.router_kind == "task":
-            task_map = load_task_map(adapter_dir / "task_map.json")
+    # LoRAHub's composed adapter is a plain peft LoRA; every other method's is an mtlora adapter
+    loaded = load_model(base_path, adapter_dir, device=ns.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    task_map = loaded.task_map if loaded.method == "mmoelora" else None
     answers = generate_answers(
         model,
         tokenizer,

@@ -879,13 +879,11 @@ def export_adapter(
     Calibration uses ``calibration_data`` (records with ``task_type``). Without ``eval_data`` the last
     ``eval_fraction`` of each task's calibration records is held out for the report and not calibrated on.
     """
-    from transformers import AutoModelForCausalLM
 
     from mtlora.config import CONFIG_NAME, MtLoraConfig
     from mtlora.data import build_task_map, load_records, load_task_map, save_task_map
     from mtlora.data.records import write_json_atomic
-    from mtlora.hub import load_tokenizer, resolve_model_path
-    from mtlora.model import MtLoraModel
+    from mtlora.hub import load_model
 
     adapter_dir, out = Path(adapter_dir), Path(output_dir)
     if not (adapter_dir / CONFIG_NAME).is_file():
@@ -899,16 +897,16 @@ def export_adapter(
     block = bool(mt_cfg.enable_block_adapter)
     if merged and block:  # checked before loading anything
         raise MtLoraError(f"--merged: {BLOCK_NOT_PEFT}")
-    base_name = model_name_or_path or mt_cfg.base_model_name_or_path
-    if not base_name:
-        raise MtLoraError("--model_name_or_path is required (the adapter does not record its base model)")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise MtLoraError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
-    has_tok = (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(adapter_dir if has_tok else resolve_model_path(base_name))
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_name), dtype=dtypes[dtype])
-    model = MtLoraModel.from_pretrained(base, adapter_dir).to(device).eval()
+    loaded = load_model(
+        model_name_or_path,
+        adapter_dir,
+        device=device,
+        dtype=dtype,
+        mtlora_only=True,
+        tokenizer_from_adapter=True,
+        freeze=False,
+    )
+    model, tokenizer, base_name = loaded.model, loaded.tokenizer, loaded.model_name_or_path
 
     calib_records = load_records(calibration_data) if calibration_data else []
     eval_records = load_records(eval_data) if eval_data else []

@@ -1,19 +1,39 @@
-"""Model names: ``mtlora:<name>`` for models bundled with the package, anything else passed to transformers.
+"""Model names and loading: ``mtlora:<name>`` for bundled models, and ONE loader for base model + adapter.
 
 Why: tests, the demo and CPU benchmarks must run offline, so a tiny pre-converted model
 (llama2.c stories260K, ~1 MB) ships as package data; ``mtlora:stories260k`` names it everywhere a model
 name or path is accepted, without users having to know where pip installed the package.
+
+:func:`load_model` is the one place that turns "a base model name and maybe an adapter folder" into a model:
+evaluation, analysis, export, the demo and LoRAHub all call it, so device/dtype defaults, the adapter format
+(mtlora's own ``method`` field or a plain peft ``peft_type``), strict loading and the error messages are the
+same everywhere.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtlora.errors import MtLoraError
+from mtlora.errors import CheckpointError, MtLoraError
 
-__all__ = ["BUNDLED_MODELS", "PREFIX", "resolve_model_path", "load_tokenizer"]
+__all__ = [
+    "BUNDLED_MODELS",
+    "PREFIX",
+    "LoadedBase",
+    "load_model",
+    "load_tokenizer",
+    "read_adapter_config",
+    "resolve_adapter_dir",
+    "resolve_model_path",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+TASK_MAP = "task_map.json"
+DTYPES = ("float32", "bfloat16", "float16")
 
 PREFIX = "mtlora:"
 _ASSETS = Path(__file__).resolve().parent / "assets" / "models"
@@ -67,3 +87,178 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], **kwargs: Any):
         else:
             raise MtLoraError(f"tokenizer of {name_or_path!s} has no pad, unk or eos token to pad with")
     return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    """fp32 on CPU (bf16 matmuls are 10-30x slower there), bf16 on accelerators (the paper's choice)."""
+    return "float32" if device == "cpu" else "bfloat16"
+
+
+def torch_dtype(name: str) -> Any:
+    """``float32`` / ``bfloat16`` / ``float16`` (or fp32 / bf16 / fp16) as a torch dtype; else a clear error."""
+    import torch
+
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    name = aliases.get(name, name)
+    if name not in DTYPES:
+        raise MtLoraError(f"--dtype {name!r}: use float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
+def resolve_adapter_dir(adapter: str | os.PathLike[str]) -> Path:
+    """The folder holding ``adapter_config.json``: the path itself, or the ``sft_lora_model`` folder that
+    ``mtlora train`` writes inside its output directory (so either can be passed)."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise CheckpointError(f"adapter directory not found: {path}")
+    if not (path / ADAPTER_CONFIG).is_file() and (path / "sft_lora_model" / ADAPTER_CONFIG).is_file():
+        return path / "sft_lora_model"
+    return path
+
+
+def read_adapter_config(adapter: str | os.PathLike[str], *, mtlora_only: bool = False) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict, with a clear error when the folder, the file or its format is wrong.
+
+    A config must name its format: ``method`` (an mtlora adapter) or ``peft_type`` (a plain peft adapter);
+    ``mtlora_only`` refuses the latter.
+    """
+    path = resolve_adapter_dir(adapter)
+    cfg_path = path / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no {ADAPTER_CONFIG} (not an adapter checkpoint)")
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(data, dict) or not ("method" in data or "peft_type" in data):
+        raise CheckpointError(f"{cfg_path}: neither 'method' (mtlora) nor 'peft_type' (peft) is set")
+    if mtlora_only and "method" not in data:
+        raise CheckpointError(
+            f"{cfg_path}: a plain peft adapter (peft_type={data.get('peft_type')!r}), not an mtlora adapter"
+        )
+    return data
+
+
+def _read_task_ids(path: Path) -> dict[str, int]:
+    """``task_map.json`` beside an adapter as ``{task name: id}`` ({} if absent). Ids need not be 0..T-1 here: a
+    hand-written map may name only the tasks being evaluated (``mtlora.data.load_task_map`` is the strict one)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not all(isinstance(v, int) and v >= 0 for v in data.values()):
+            raise TypeError
+    except (json.JSONDecodeError, TypeError):
+        raise CheckpointError(f"{path}: expected a JSON object {{task_name: non-negative id}}") from None
+    return {str(k): int(v) for k, v in data.items()}
+
+
+@dataclass
+class LoadedBase:
+    """What :func:`load_model` returns: the (adapted) model in eval mode and what callers need to know of it."""
+
+    model: Any  # a transformers causal LM, an mtlora.MtLoraModel or a peft.PeftModel
+    tokenizer: Any
+    device: str
+    dtype: str
+    model_name_or_path: str
+    adapter_dir: Path | None = None
+    adapter_config: dict[str, Any] | None = None
+    method: str | None = None  # lora / hydralora / mmoelora / mtlora / peft:<TYPE>; None for the bare base
+    task_map: dict[str, int] = field(default_factory=dict)
+
+
+def load_model(
+    model_name_or_path: str | os.PathLike[str] | None = None,
+    adapter: str | os.PathLike[str] | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    mtlora_only: bool = False,
+    tokenizer_from_adapter: bool = False,
+    freeze: bool = True,
+) -> LoadedBase:
+    """Tokenizer + base model (+ adapter) on ``device``, in eval mode.
+
+    * ``model_name_or_path``: ``mtlora:<name>`` (bundled), a folder or a hub id; None = the base model the
+      adapter records (``mtlora train`` writes it), so a trained folder loads with no other argument.
+    * ``adapter``: an mtlora adapter folder (``method`` in its config; strict key/shape checks) or a plain peft
+      one (``peft_type``), or a ``mtlora train`` output directory holding ``sft_lora_model``.
+    * ``device`` defaults to CUDA when available, ``dtype`` to fp32 on CPU and bf16 elsewhere.
+    * ``tokenizer_from_adapter``: use the tokenizer saved beside the adapter when there is one.
+    * ``freeze``: ``requires_grad=False`` on every parameter (analyses that need gradients pass False).
+
+    Errors name the flag or file: an unknown model, an adapter that does not fit the base (key and shapes),
+    a missing CUDA device, a bad dtype.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    adapter_dir = resolve_adapter_dir(adapter) if adapter is not None else None
+    cfg = read_adapter_config(adapter_dir, mtlora_only=mtlora_only) if adapter_dir is not None else None
+    if model_name_or_path is None:
+        model_name_or_path = (cfg or {}).get("base_model_name_or_path")
+        if not model_name_or_path:
+            raise MtLoraError("--model_name_or_path is required (the adapter does not record its base model)")
+    name = os.fspath(model_name_or_path)
+    device = device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MtLoraError(f"--device {device}: CUDA is not available on this machine")
+    dtype = dtype or default_dtype(device)
+    dt = torch_dtype(dtype)
+
+    path = resolve_model_path(name)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # callers draw their own bars; an error must stay a single line
+    try:
+        has_tok = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(adapter_dir if tokenizer_from_adapter and has_tok else path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    except OSError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MtLoraError(f"cannot load model {name!r}: {first}") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+    method, task_map = None, {}
+    if adapter_dir is not None and cfg is not None:
+        if "method" in cfg:
+            from mtlora.model import MtLoraModel
+
+            loader, method = MtLoraModel.from_pretrained, str(cfg["method"])
+        else:
+            from peft import PeftModel
+
+            loader, method = PeftModel.from_pretrained, f"peft:{cfg['peft_type']}"
+        try:
+            model = loader(model, str(adapter_dir))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            if isinstance(exc, MtLoraError):
+                raise
+            raise CheckpointError(f"{adapter_dir}: adapter does not fit {name}: {exc}") from None
+        task_map = _read_task_ids(adapter_dir / TASK_MAP)
+    model.to(device)
+    model.eval()
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return LoadedBase(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        model_name_or_path=name,
+        adapter_dir=adapter_dir,
+        adapter_config=cfg,
+        method=method,
+        task_map=task_map,
+    )

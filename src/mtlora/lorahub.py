@@ -593,10 +593,8 @@ def build_parser(prog: str = "mtlora lorahub") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoModelForCausalLM
-
     from mtlora.data import load_records
-    from mtlora.hub import load_tokenizer, resolve_model_path
+    from mtlora.hub import load_model
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.max_examples < 1:
@@ -619,11 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         if not examples:
             raise MtLoraError(f"--task {args.task!r}: no example has this task_type in {args.examples}")
     examples = examples[: args.max_examples]
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = resolve_model_path(args.model_name_or_path)
-    tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes[args.dtype]).to(device).eval()
+    loaded = load_model(args.model_name_or_path, device=args.device, dtype=args.dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
     loras = [read_peft_lora(d) for d in dirs]
     result, composed = compose(
         model,

@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 
-from mtlora.errors import CheckpointError, DataError, MtLoraError
+from mtlora.errors import DataError, MtLoraError
 
 logger = logging.getLogger("mtlora.analysis")
 
-ADAPTER_CONFIG = "adapter_config.json"
 TASK_MAP = "task_map.json"
 TOKEN_SELECTIONS = ("all", "prompt", "answer")
 
@@ -139,19 +138,10 @@ def annotate_cells(ax: Any, values: Any, im: Any, fmt: str = "{:.2f}", max_cells
 
 # ----------------------------------------------------------------------------------------------- loading
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    path = Path(adapter_dir)
-    if not path.is_dir():
-        raise CheckpointError(f"--adapter {path}: adapter directory not found")
-    cfg = path / ADAPTER_CONFIG
-    if not cfg.is_file():
-        raise CheckpointError(f"--adapter {path}: no {ADAPTER_CONFIG} (not an mtlora adapter folder)")
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
-    if "method" not in data:
-        raise CheckpointError(f"{cfg}: not an mtlora adapter (no 'method' field)")
-    return data
+    """An mtlora adapter's config (a plain peft adapter is an error: the analyses need experts and routers)."""
+    from mtlora.hub import read_adapter_config as read_config
+
+    return read_config(adapter_dir, mtlora_only=True)
 
 
 def read_task_map(adapter_dir: str | Path) -> dict[str, int]:
@@ -160,13 +150,6 @@ def read_task_map(adapter_dir: str | Path) -> dict[str, int]:
 
     path = Path(adapter_dir) / TASK_MAP
     return load_task_map(path) if path.is_file() else {}
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -215,38 +198,20 @@ def load_adapter(
     ``model_name_or_path`` defaults to the base model the adapter records (``mtlora train`` writes it), so a
     trained folder analyses with no other flag. fp32 on CPU (bf16 matmuls are slow there), bf16 on GPU.
     """
-    from transformers import AutoModelForCausalLM
+    from mtlora.hub import load_model
 
-    from mtlora.hub import load_tokenizer, resolve_model_path
-    from mtlora.model import MtLoraModel
-
-    cfg = read_adapter_config(adapter_dir)
-    name = model_name_or_path or cfg.get("base_model_name_or_path")
-    if not name:
-        raise MtLoraError("--model_name_or_path is required (the adapter does not record its base model)")
-    device = device or default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MtLoraError(f"--device {device}: CUDA is not available on this machine")
-    dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
-    if dtype not in _DTYPES:
-        raise MtLoraError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
-    path = resolve_model_path(name)
-    try:
-        tokenizer = load_tokenizer(path)
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
-    except OSError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MtLoraError(f"cannot load model {name!r}: {first}") from None
-    model = MtLoraModel.from_pretrained(base, adapter_dir)
-    model.to(device)
-    model.eval()
+    loaded = load_model(
+        model_name_or_path, adapter_dir, device=device, dtype=dtype, mtlora_only=True, freeze=False
+    )
+    model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.adapter_config or {}
+    adapter_dir = loaded.adapter_dir or Path(adapter_dir)
     return LoadedAdapter(
         model=model,
         tokenizer=tokenizer,
         adapter_dir=Path(adapter_dir),
         config=cfg,
         task_map=read_task_map(adapter_dir),
-        device=torch.device(device),
+        device=torch.device(loaded.device),
         label=label or default_label(cfg, Path(adapter_dir).name),
     )
 

@@ -1,0 +1,117 @@
+"""mtlora.hub.load_model: the one loader behind evaluation, analysis, export, the demo and LoRAHub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mtlora import MtLoraConfig, get_mtlora_model
+from mtlora.errors import CheckpointError, MtLoraError
+from mtlora.hub import load_model, read_adapter_config, resolve_adapter_dir, resolve_model_path
+
+TINY = "mtlora:stories260k"
+IDS = torch.tensor([[1, 45, 89, 120, 7, 300, 12]])
+
+
+def _base() -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY)).eval()
+
+
+def _mtlora_adapter(path: Path, method: str = "hydralora") -> torch.Tensor:
+    """Save a non-trivial adapter (base recorded as mtlora:stories260k); return its logits on IDS."""
+    torch.manual_seed(0)
+    model = get_mtlora_model(
+        _base(), MtLoraConfig(method=method, lora_nums=2, lora_rank=4, base_model_name_or_path=TINY)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.05)
+        logits = model.eval()(input_ids=IDS).logits
+    model.save_pretrained(path)
+    return logits
+
+
+def test_base_only_is_frozen_eval_fp32_on_cpu() -> None:
+    loaded = load_model(TINY, device="cpu")
+    assert loaded.method is None and loaded.adapter_dir is None and loaded.dtype == "float32"
+    assert not loaded.model.training
+    assert all(not p.requires_grad for p in loaded.model.parameters())
+    assert loaded.tokenizer.pad_token is not None
+
+
+def test_mtlora_adapter_from_recorded_base_and_training_output_dir(tmp_path: Path) -> None:
+    want = _mtlora_adapter(tmp_path / "run" / "sft_lora_model")
+    (tmp_path / "run" / "sft_lora_model" / "task_map.json").write_text(json.dumps({"navigate": 2}))
+    loaded = load_model(None, tmp_path / "run", device="cpu")  # base from the config, sft_lora_model found
+    assert loaded.method == "hydralora" and loaded.model_name_or_path == TINY
+    assert loaded.adapter_dir == tmp_path / "run" / "sft_lora_model"
+    assert loaded.task_map == {"navigate": 2}  # a partial, hand-written map is accepted here
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=IDS).logits, want, atol=0, rtol=0)
+    unfrozen = load_model(None, tmp_path / "run", device="cpu", freeze=False)
+    assert not unfrozen.model.training  # eval mode either way
+
+
+def test_plain_peft_adapter(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        _base(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    with torch.no_grad():
+        want = peft_model.eval()(input_ids=IDS).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = load_model(TINY, tmp_path / "peft", device="cpu")
+    assert loaded.method == "peft:LORA"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=IDS).logits, want)
+    with pytest.raises(CheckpointError, match="plain peft adapter"):
+        load_model(TINY, tmp_path / "peft", mtlora_only=True)
+
+
+def test_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="adapter directory not found"):
+        resolve_adapter_dir(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+        read_adapter_config(tmp_path / "empty")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "adapter_config.json").write_text('{\n  "r": 4,\n')
+    with pytest.raises(CheckpointError, match=r"adapter_config.json:3: invalid JSON"):
+        read_adapter_config(tmp_path / "odd")
+    (tmp_path / "odd" / "adapter_config.json").write_text('{"r": 4}')
+    with pytest.raises(CheckpointError, match="neither 'method'"):
+        read_adapter_config(tmp_path / "odd")
+    with pytest.raises(MtLoraError, match="--dtype 'int8'"):
+        load_model(TINY, dtype="int8")
+    _mtlora_adapter(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = None
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MtLoraError, match="--model_name_or_path is required"):
+        load_model(None, tmp_path / "a")
+    (tmp_path / "a" / "task_map.json").write_text('["navigate"]')
+    with pytest.raises(CheckpointError, match="task_map.json: expected a JSON object"):
+        load_model(TINY, tmp_path / "a")
+    (tmp_path / "a" / "task_map.json").unlink()
+    with pytest.raises(MtLoraError, match="cannot load model"):
+        load_model(str(tmp_path / "no_such_model"), device="cpu")
+
+
+def test_adapter_for_another_base_is_a_checkpoint_error(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4)  # fmt: skip
+    other = get_mtlora_model(
+        LlamaForCausalLM(cfg), MtLoraConfig(method="hydralora", lora_nums=2, lora_rank=4)
+    )
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_model(TINY, tmp_path / "other", device="cpu")
