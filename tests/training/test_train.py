@@ -255,6 +255,12 @@ def test_two_process_ddp_training(dolly_dir: Path, tmp_path: Path) -> None:
     manifest = json.loads((out / "run_manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["global_steps"] == 3
     assert (out / "sft_lora_model" / "adapter_model.safetensors").is_file()
+    # every step logged its auxiliary terms (means over both ranks: the log's all_reduce ran on every rank)
+    logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    train_logs = [r for r in logs if "loss" in r and "task_loss" in r]
+    assert len(train_logs) == 3
+    for r in train_logs:
+        assert r["balance_loss"] >= 0 and r["routing_entropy"] > 0 and 0 < r["expert_usage_min"] <= 0.25
 
 
 def test_logged_auxiliary_means_single_process() -> None:
