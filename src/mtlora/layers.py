@@ -249,7 +249,10 @@ class MultiExpertLoRA(nn.Module):
                 probs = self.routing_probs(x2, batch_shape)  # (N, G, E) fp32
             self._record(probs, batch_shape)
             g, er = self.num_groups, self.num_experts * self.rank
-            z = (probs.to(h.dtype).unsqueeze(-1) * h[:, None, None, :]).reshape(n_tok, g * er)  # (N, G*E*r)
+            # z = pi (x) h, (N, G*E*r), as a batched outer product: unlike a broadcast multiply, its backward
+            # (two small batched matmuls) never materialises (N, G, E, r) temporaries
+            ge = g * self.num_experts
+            z = torch.bmm(probs.to(h.dtype).reshape(n_tok, ge, 1), h.unsqueeze(1)).view(n_tok, g * er)
             if g > 1:  # group g = dims [g*gs, (g+1)*gs): a contiguous view of B, one batched matmul
                 b = self.lora_B.view(g, d_out // g, er)
                 y = torch.bmm(z.view(n_tok, g, er).transpose(0, 1), b.transpose(1, 2)).transpose(0, 1)
