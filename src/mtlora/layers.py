@@ -200,7 +200,9 @@ class MultiExpertLoRA(nn.Module):
         produces ``dL/dx`` from one GEMM instead of two summed ones (about 10% of the layer's time at
         LLaMA-7B shapes on CPU). It is exact only when A sees undropped input and both run in fp32 (the
         router never runs in reduced precision), and it is skipped when something observes or replaces
-        the router's call (forward hooks, e.g. ``mtlora analyze``; fixed routing weights).
+        the router's call (forward hooks, e.g. ``mtlora analyze``; fixed routing weights). The hook check
+        also keeps it off under DeepSpeed ZeRO-3, whose per-module pre-forward hooks gather the router's
+        sharded weight only when the router itself is called.
         """
         router = self.router
         return (
