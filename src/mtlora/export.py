@@ -883,12 +883,10 @@ def export_adapter(
     from mtlora.config import CONFIG_NAME, MtLoraConfig
     from mtlora.data import build_task_map, load_records, load_task_map, save_task_map
     from mtlora.data.records import write_json_atomic
-    from mtlora.hub import load_model
+    from mtlora.hub import load_model, read_adapter_config, resolve_adapter_dir
 
-    adapter_dir, out = Path(adapter_dir), Path(output_dir)
-    if not (adapter_dir / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{adapter_dir}: no {CONFIG_NAME} (not an adapter folder)")
-    raw_cfg = json.loads((adapter_dir / CONFIG_NAME).read_text())
+    adapter_dir, out = resolve_adapter_dir(adapter_dir), Path(output_dir)  # also a `mtlora train` output dir
+    raw_cfg = read_adapter_config(adapter_dir)
     if "method" not in raw_cfg:
         raise CheckpointError(
             f"{adapter_dir}: peft_type={raw_cfg.get('peft_type')!r} is already a plain adapter"
