@@ -88,10 +88,12 @@ def test_accumulating_into_the_base_output_equals_adding(case: str) -> None:
         torch.autograd.grad((fused * g).sum(), leaves), torch.autograd.grad((plain * g).sum(), leaves)
     ):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes take the plain-sum path
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 base: accumulated in the bf16 GEMM
         out = m(x.bfloat16(), base=base.bfloat16())
-    assert out.dtype == torch.bfloat16
+        mixed = m(x.bfloat16(), base=base)  # fp32 base, bf16 Delta: the plain sum, fp32 out
+    assert out.dtype == torch.bfloat16 and mixed.dtype == torch.float32
     torch.testing.assert_close(out.float(), plain, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(mixed, plain, atol=0.1, rtol=0.05)
 
 
 def test_router_gemm_sharing_conditions() -> None:

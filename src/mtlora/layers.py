@@ -261,7 +261,7 @@ class MultiExpertLoRA(nn.Module):
                 if base is not None:  # (N, G, gs) view: the sum is the single (N, d_out) copy it needs
                     return (base.reshape(n_tok, g, -1) + y.to(out_dtype)).reshape(base.shape)
                 return y.reshape(*batch_shape, d_out).to(out_dtype)
-        if base is not None and base.dtype == z.dtype and not autocast:
+        if base is not None and base.dtype == z.dtype:  # (under autocast: one bf16 rounding instead of two)
             return torch.addmm(base.reshape(n_tok, d_out), z, w.t()).view(base.shape)
         y = F.linear(z, w).reshape(*batch_shape, d_out).to(out_dtype)
         return y if base is None else base + y
