@@ -24,6 +24,6 @@ timeout 240 $PY benchmarks/train_step.py --device cuda --dtype bfloat16 --layers
 
 echo "== eval throughput (cuda)"
 if [ -f benchmarks/eval_speed.py ]; then
-  timeout 90 $PY benchmarks/eval_speed.py --device cuda --out "$OUTDIR/eval_speed_cuda.json" || echo "eval_speed failed: $?"
+  timeout 90 $PY benchmarks/eval_speed.py --device cuda --json "$OUTDIR/eval_speed_cuda.json" || echo "eval_speed failed: $?"
 fi
 ls -l "$OUTDIR"

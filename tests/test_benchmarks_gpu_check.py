@@ -1,0 +1,41 @@
+"""benchmarks/gpu_check.sh runs on scarce GPU time: every flag it passes must exist in the script it calls."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from _tiny import REPO
+
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+
+
+def _invocations() -> list[tuple[str, list[str]]]:
+    text = SCRIPT.read_text().replace("\\\n", " ")  # join continued lines
+    calls = []
+    for line in text.splitlines():
+        m = re.search(r"\$PY (benchmarks/\S+\.py)(.*?)(\|\||$)", line)
+        if m:
+            calls.append((m.group(1), re.findall(r"(?<!\S)(--[\w-]+)", m.group(2))))
+    return calls
+
+
+def test_gpu_check_flags_exist_in_each_benchmark() -> None:
+    calls = _invocations()
+    assert {c[0] for c in calls} == {
+        "benchmarks/layer_speed.py",
+        "benchmarks/train_step.py",
+        "benchmarks/eval_speed.py",
+    }
+    for script, flags in calls:
+        helptext = subprocess.run(
+            [sys.executable, str(REPO / script), "--help"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        ).stdout
+        missing = [f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", helptext)]
+        assert not missing, f"{script}: gpu_check.sh passes unknown flags {missing}"
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
