@@ -106,6 +106,10 @@ def test_router_gemm_sharing_conditions() -> None:
     assert not m._router_shares_gemm(x2.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not m._router_shares_gemm(x2)
+    m.router.forward = m.router.forward.__func__.__get__(m.router)  # an instance-level forward (accelerate)
+    assert not m._router_shares_gemm(x2)
+    del m.router.forward
+    assert m._router_shares_gemm(x2)
     m.fixed_routing = torch.full((1, 4), 0.25)
     assert not m._router_shares_gemm(x2)
     assert not MultiExpertLoRA(24, 32, 4, 1)._router_shares_gemm(x2)  # no router at all

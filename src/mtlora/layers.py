@@ -202,7 +202,8 @@ class MultiExpertLoRA(nn.Module):
         router never runs in reduced precision), and it is skipped when something observes or replaces
         the router's call (forward hooks, e.g. ``mtlora analyze``; fixed routing weights). The hook check
         also keeps it off under DeepSpeed ZeRO-3, whose per-module pre-forward hooks gather the router's
-        sharded weight only when the router itself is called.
+        sharded weight only when the router itself is called; an instance-level ``forward`` (accelerate's
+        device-map/offload hooks replace ``module.forward``) does the same.
         """
         router = self.router
         return (
@@ -214,7 +215,7 @@ class MultiExpertLoRA(nn.Module):
             and not torch.is_autocast_enabled(x2.device.type)
             and isinstance(router, TokenRouter)
             and router.weight.dtype == torch.float32
-            and not (router._forward_hooks or router._forward_pre_hooks)
+            and not (router._forward_hooks or router._forward_pre_hooks or "forward" in vars(router))
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
         )
 
