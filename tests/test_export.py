@@ -80,6 +80,7 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def _make_adapter(root: Path, name: str, seed: int) -> Path:
+    torch.manual_seed(seed)  # A's init comes from the global RNG: same adapter whatever ran before
     model = get_mtlora_model(_base(), MtLoraConfig(lora_dropout=0.0, **CASES[name]))
     _randomise(model, seed)
     out = root / f"adapter_{name}"
@@ -197,9 +198,8 @@ def test_exports_match_static_forward_in_plain_peft(data_file: Path, tmp_path: P
                 with torch.no_grad():
                     got = merged(input_ids=IDS).logits
                 assert (got - expected[task]).abs().max() < 3e-4
-            if name == "mmoelora":  # same function; fp32 rounding only (the routed forward accumulates Delta
-                # into the base output inside its last GEMM, the static one adds it afterwards, as peft does)
-                assert abs(entry["nll_gap"]) < 1e-4 and entry["accuracy_gap"] == 0
+            if name == "mmoelora":
+                assert abs(entry["nll_gap"]) < 1e-5 and entry["accuracy_gap"] == 0
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"base": resolve_model_path(TINY), "ids": IDS.tolist(), "cases": cases}))
     proc = subprocess.run(
