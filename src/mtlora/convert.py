@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from mtlora.errors import MtLoraError
+from mtlora.hub import DTYPES, torch_dtype
 
 __all__ = ["Llama2cHeader", "read_llama2c_checkpoint", "convert_llama2c", "main"]
 
@@ -55,8 +56,6 @@ _V1_HEADER_BYTES = 256
 _LEGACY_HEADER_BYTES = 7 * 4
 _ROPE_THETA = 10000.0  # llama2.c's precompute_freqs_cis default
 _RMS_NORM_EPS = 1e-5  # llama2.c's RMSNorm eps
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -390,8 +389,8 @@ def convert_llama2c(
     directory and renamed into place, so an interrupted run never leaves a half-written model behind.
     An existing non-empty ``output_dir`` is an error unless ``overwrite`` is true. Returns ``output_dir``.
     """
-    if dtype not in _DTYPES.values():
-        raise MtLoraError(f"unsupported dtype {dtype}; choose one of {', '.join(_DTYPES)}")
+    if dtype not in {torch_dtype(name) for name in DTYPES}:
+        raise MtLoraError(f"unsupported dtype {dtype}; choose one of {', '.join(DTYPES)}")
     checkpoint, tokenizer_model, out = Path(checkpoint), Path(tokenizer_model), Path(output_dir).resolve()
     h, tensors = read_llama2c_checkpoint(checkpoint)
     _check_tokenizer(tokenizer_model, h.vocab_size)
@@ -450,7 +449,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "output_dir", metavar="OUTPUT_DIR", help="folder to create (loadable with from_pretrained)"
     )
     p.add_argument(
-        "--dtype", choices=sorted(_DTYPES), default="float32", help="weight dtype (default: float32)"
+        "--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32)"
     )
     p.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
     return parser
@@ -464,7 +463,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help or a usage error: argparse already printed the message
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     out = convert_llama2c(
-        args.checkpoint, args.tokenizer, args.output_dir, _DTYPES[args.dtype], overwrite=args.force
+        args.checkpoint, args.tokenizer, args.output_dir, torch_dtype(args.dtype), overwrite=args.force
     )
     print(f"wrote {out}")
     return 0

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlora.errors import ConfigError
+from mtlora.hub import default_device
 
 BUNDLED_MODEL = "mtlora:stories260k"
 
@@ -159,7 +160,7 @@ def _resolve(ns: argparse.Namespace) -> argparse.Namespace:
     import torch
 
     if ns.device == "auto":
-        ns.device = "cuda" if torch.cuda.is_available() else "cpu"
+        ns.device = default_device()
     if ns.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     return ns

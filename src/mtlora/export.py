@@ -50,6 +50,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlora.errors import CheckpointError, MtLoraError
+from mtlora.hub import (
+    default_device,
+    load_model,
+    read_adapter_config,
+    resolve_adapter_dir,
+    resolve_model_path,
+)
 
 if TYPE_CHECKING:
     from mtlora.layers import MultiExpertLoRA
@@ -363,8 +370,6 @@ def write_peft_lora(
         raise MtLoraError(f"all modules of one peft LoRA must share a rank, got ranks {sorted(ranks)}")
     rank = ranks.pop()
     if base_model_name_or_path and base_model_name_or_path.lower().startswith("mtlora:"):
-        from mtlora.hub import resolve_model_path
-
         # plain peft cannot resolve mtlora's bundled-model names; record the folder they stand for
         base_model_name_or_path = resolve_model_path(base_model_name_or_path)
     out = Path(out_dir)
@@ -883,7 +888,6 @@ def export_adapter(
     from mtlora.config import CONFIG_NAME, MtLoraConfig
     from mtlora.data import build_task_map, load_records, load_task_map, save_task_map
     from mtlora.data.records import write_json_atomic
-    from mtlora.hub import load_model, read_adapter_config, resolve_adapter_dir
 
     adapter_dir, out = resolve_adapter_dir(adapter_dir), Path(output_dir)  # also a `mtlora train` output dir
     raw_cfg = read_adapter_config(adapter_dir)
@@ -1137,7 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if getattr(args, name) < 1:
             raise MtLoraError(f"--{name} must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     report = export_adapter(
         args.adapter_dir,
         args.output_dir,

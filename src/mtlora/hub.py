@@ -101,14 +101,15 @@ def default_dtype(device: str) -> str:
     return "float32" if device == "cpu" else "bfloat16"
 
 
-def torch_dtype(name: str) -> Any:
-    """``float32`` / ``bfloat16`` / ``float16`` (or fp32 / bf16 / fp16) as a torch dtype; else a clear error."""
+def torch_dtype(name: str, flag: str = "--dtype") -> Any:
+    """``float32`` / ``bfloat16`` / ``float16`` (or fp32 / bf16 / fp16) as a torch dtype; else an error naming
+    ``flag`` (the option or config field the name came from)."""
     import torch
 
     aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
     name = aliases.get(name, name)
     if name not in DTYPES:
-        raise MtLoraError(f"--dtype {name!r}: use float32, bfloat16 or float16")
+        raise MtLoraError(f"{flag} {name!r}: use float32, bfloat16 or float16")
     return getattr(torch, name)
 
 

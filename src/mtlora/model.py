@@ -29,6 +29,7 @@ from torch import nn
 from mtlora import __version__
 from mtlora.config import CONFIG_NAME, WEIGHTS_NAME, MtLoraConfig
 from mtlora.errors import CheckpointError, MtLoraError, PlacementError
+from mtlora.hub import torch_dtype
 from mtlora.layers import MultiExpertLoRA, RoutingState
 from mtlora.losses import balance_loss
 from mtlora.placement import (
@@ -42,8 +43,6 @@ from mtlora.placement import (
     iter_hosts,
 )
 from mtlora.routing import num_groups_for
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _host_device(host: nn.Module) -> torch.device:
@@ -84,7 +83,7 @@ def _build_adapter(
         state=state,
         name=name,
         device=device,
-        dtype=_DTYPES[config.adapter_dtype],
+        dtype=torch_dtype(config.adapter_dtype, "adapter_dtype"),
     )
 
 

@@ -27,7 +27,6 @@ from mtlora.errors import DataError, MtLoraError
 
 logger = logging.getLogger("mtlora.analysis")
 
-TASK_MAP = "task_map.json"
 TOKEN_SELECTIONS = ("all", "prompt", "answer")
 
 
@@ -144,14 +143,6 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     return read_config(adapter_dir, mtlora_only=True)
 
 
-def read_task_map(adapter_dir: str | Path) -> dict[str, int]:
-    """The adapter's ``task_map.json`` (written by ``mtlora train``), or ``{}`` if it has none."""
-    from mtlora.data import load_task_map
-
-    path = Path(adapter_dir) / TASK_MAP
-    return load_task_map(path) if path.is_file() else {}
-
-
 @dataclass
 class LoadedAdapter:
     """An adapted model ready for analysis (eval mode: no dropout), with what the analyses need to know."""
@@ -203,16 +194,15 @@ def load_adapter(
     loaded = load_model(
         model_name_or_path, adapter_dir, device=device, dtype=dtype, mtlora_only=True, freeze=False
     )
-    model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.adapter_config or {}
-    adapter_dir = loaded.adapter_dir or Path(adapter_dir)
+    assert loaded.adapter_dir is not None and loaded.adapter_config is not None
     return LoadedAdapter(
-        model=model,
-        tokenizer=tokenizer,
-        adapter_dir=Path(adapter_dir),
-        config=cfg,
-        task_map=read_task_map(adapter_dir),
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        adapter_dir=loaded.adapter_dir,
+        config=loaded.adapter_config,
+        task_map=loaded.task_map,
         device=torch.device(loaded.device),
-        label=label or default_label(cfg, Path(adapter_dir).name),
+        label=label or default_label(loaded.adapter_config, loaded.adapter_dir.name),
     )
 
 

@@ -27,9 +27,8 @@ import torch
 
 from mtlora.config import MtLoraConfig
 from mtlora.errors import ConfigError
+from mtlora.hub import DTYPES, torch_dtype
 from mtlora.training.arguments import DataArguments, ModelArguments, MtLoraTrainingArguments
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _file_sha256(path: Path) -> str:
@@ -71,11 +70,11 @@ def _base_dtype(model_args: ModelArguments, train_args: MtLoraTrainingArguments)
     if model_args.torch_dtype == "auto":
         return "auto"
     if model_args.torch_dtype is not None:
-        if model_args.torch_dtype not in _DTYPES:
+        if model_args.torch_dtype not in DTYPES:
             raise ConfigError(
                 f"--torch_dtype {model_args.torch_dtype!r}: must be auto, float32, bfloat16 or float16"
             )
-        return _DTYPES[model_args.torch_dtype]
+        return torch_dtype(model_args.torch_dtype, "--torch_dtype")
     if train_args.bf16:
         return torch.bfloat16
     if train_args.fp16:
