@@ -68,15 +68,13 @@ def mean_over_ranks(
     """
     import torch.distributed as dist
 
-    vec = torch.tensor(
-        [float(sums.get(k, 0.0)) for k in AUX_LOG_KEYS] + [float(counts.get(k, 0)) for k in AUX_LOG_KEYS],
-        dtype=torch.float64,
-        device=device,
-    )
+    values = [float(sums.get(k, 0.0)) for k in AUX_LOG_KEYS] + [float(counts.get(k, 0)) for k in AUX_LOG_KEYS]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        vec = torch.tensor(values, dtype=torch.float64, device=device)  # on the backend's device (NCCL: CUDA)
         dist.all_reduce(vec)
+        values = vec.tolist()
     n = len(AUX_LOG_KEYS)
-    return {k: float(vec[i] / vec[n + i]) for i, k in enumerate(AUX_LOG_KEYS) if vec[n + i] > 0}
+    return {k: values[i] / values[n + i] for i, k in enumerate(AUX_LOG_KEYS) if values[n + i] > 0}
 
 
 class MtLoraTrainer(Trainer):
