@@ -159,7 +159,8 @@ def layer_flops(shape: Shape) -> dict[str, Any]:
     Forward GEMMs: ``A`` 2·N·d·r, router 2·N·d·E·G, expert contraction 2·N·E·r·d (G groups of d/G columns
     each, so independent of G). Backward: every GEMM needs its weight gradient and its input gradient
     (``x`` requires grad), i.e. 2x the forward, so total = 3x forward. Element-wise work (softmax over E,
-    ``z = pi (x) h`` with N·G·E·r products, the ``* scaling`` pass over N·d) is memory-bound and NOT counted:
+    ``z = pi (x) h`` with N·G·E·r products, the ``* scaling`` pass over the N·r activations) is memory-bound and
+    NOT counted:
     it is part of the overhead the ``fused_vs_flop_bound`` ratio measures. The paper loop does the same GEMM
     FLOPs plus about 3·E passes over an (N, d) tensor per forward (that is its cost, not extra FLOPs).
     """
@@ -171,7 +172,7 @@ def layer_flops(shape: Shape) -> dict[str, Any]:
         "forward_total": fwd_total,
         "backward_total": 2 * fwd_total,
         "total": 3 * fwd_total,
-        "elementwise_not_counted": {"z_products": n * g * e * r, "scaling_pass": n * d},
+        "elementwise_not_counted": {"z_products": n * g * e * r, "scaling_pass": n * r},
         "formula": "3 * (2*N*d*r + 2*N*d*E*G + 2*N*E*r*d)",
     }
 
