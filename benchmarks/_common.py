@@ -188,6 +188,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def kernel_thp_mode() -> str | None:
+    """The kernel's transparent huge page mode (``always``/``madvise``/``never``), None where not Linux."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    chosen = [w[1:-1] for w in text.split() if w.startswith("[") and w.endswith("]")]
+    return chosen[0] if chosen else text.strip()
+
+
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     """What the numbers were measured on (CPU model, cores, threads, versions, load average, GPU if any)."""
     device = torch.device(device)
@@ -202,6 +212,10 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     }
     # glibc malloc tuning changes CPU results a lot (fresh >= 32 MiB tensors are mmap'd and page-faulted in)
     info["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    # ... and so do 2 MiB pages: PyTorch madvises allocations >= 2 MiB as huge pages when THP_MEM_ALLOC_ENABLE=1
+    # and the kernel's transparent_hugepage mode is "madvise" or "always" (see layer_speed.py)
+    info["thp_mem_alloc_enable"] = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    info["kernel_transparent_hugepage"] = kernel_thp_mode()
     if hasattr(os, "getloadavg"):  # other users' load explains noisy numbers on a shared machine
         info["load_average_1_5_15min"] = [round(v, 2) for v in os.getloadavg()]
     if device.type == "cuda":

@@ -21,8 +21,17 @@ of the spectral regularizer at LLaMA-7B block-FFN shapes (512 matrices of 4096 x
 Run ``python benchmarks/layer_speed.py [--quick]``; the last output line is
 ``fused_vs_naive_speedup=<x> memory_ratio=<y>`` for d=4096, r=16, E=16, scalar routing, 2048 tokens.
 See ``benchmarks/README.md`` for the method and the numbers measured on the reference machine.
+
+Allocation: every implementation must return two fresh ``(N, d)`` tensors (``y`` and ``dL/dx``, 32 MiB each at
+the main shape). With 4 KiB pages the kernel page-faults each one in 8192 times (about 9 ms here), which is
+not the layer's arithmetic. Run as a script, this benchmark therefore turns on PyTorch's own switch for 2 MiB
+transparent huge pages on large CPU allocations, ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch >= 2.2; it must be set
+before torch's first allocation, hence here, before ``import torch``). An explicit ``THP_MEM_ALLOC_ENABLE=0``
+in the environment is respected. Full CPU runs also time the main config with 4 KiB pages and with glibc
+buffer reuse in child processes (``allocator_variants`` in the JSON), so every setting's numbers are on record.
 """
 
+# ruff: noqa: E402  (THP_MEM_ALLOC_ENABLE must be set before torch is imported)
 from __future__ import annotations
 
 import argparse
@@ -35,6 +44,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+# None = unknown: torch was imported before this module (e.g. under pytest), so its allocator already read
+# the variable and this module cannot know or change what it saw.
+HUGE_PAGES: bool | None = None
+if "torch" not in sys.modules:
+    os.environ.setdefault(THP_ENV, "1")
+    HUGE_PAGES = os.environ[THP_ENV] == "1"  # torch accepts exactly "0" and "1" (c10::utils::check_env)
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +80,13 @@ MIB = 2**20
 # (see output_allocation): the full run repeats the main config with them, in a subprocess (they must be set
 # before the process starts), to separate the layer's arithmetic from the allocator's cost.
 MALLOC_REUSE_ENV = {"MALLOC_MMAP_THRESHOLD_": "2000000000", "MALLOC_TRIM_THRESHOLD_": "2000000000"}
+# Allocation settings a full CPU run also times the main config under (each in a child process, since both
+# glibc and torch read them once at start-up). A variant equal to the parent's own setting is skipped.
+ALLOCATOR_VARIANTS: dict[str, dict[str, str]] = {
+    "huge_pages": {THP_ENV: "1"},
+    "4k_pages": {THP_ENV: "0"},
+    "glibc_buffer_reuse": {THP_ENV: "0", **MALLOC_REUSE_ENV},
+}
 MAX_REPEATS = 15  # upper bound of the adaptive repeat count for cheap configs
 SAMPLE_BUDGET_S = 4.0  # cheap configs repeat until about this much time of (fused + naive) samples
 
@@ -595,11 +619,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--tokens", type=int, default=2048)
     g.add_argument("--spectral-matrices", type=int, default=512, help="512 = LLaMA-7B block FFN, 32 x 16")
     p.add_argument(
+        "--no-allocator-variants",
         "--no-malloc-variant",
-        dest="malloc_variant",
+        dest="allocator_variants",
         action="store_false",
-        help="full CPU runs also time the main config with glibc buffer reuse (MALLOC_REUSE_ENV) in a "
-        "subprocess; this skips it",
+        help="full CPU runs also time the main config under the other ALLOCATOR_VARIANTS (4 KiB pages, huge "
+        "pages, glibc buffer reuse), each in a subprocess; this skips them",
     )
     args = p.parse_args(argv)
     if args.repeats is None:
@@ -609,31 +634,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def malloc_reuse_variant(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    """The main config again (``--quick``) in a child process with :data:`MALLOC_REUSE_ENV` set.
+def current_allocator_env() -> dict[str, str]:
+    """This process's values of the variables the allocator variants set (their defaults where unset:
+    torch treats an unset ``THP_MEM_ALLOC_ENABLE`` as ``0``, glibc unset ``MALLOC_*`` as its own defaults)."""
+    keys = {k for env in ALLOCATOR_VARIANTS.values() for k in env}
+    return {k: os.environ.get(k, "0" if k == THP_ENV else "") for k in sorted(keys)}
 
-    Default glibc returns every freed 32 MiB tensor to the kernel and page-faults the next one in; with these
-    settings it keeps and reuses them, so the child's times are (almost) free of allocation cost. The child's
-    summary (speedup, bound ratio) is recorded next to the default-settings one.
+
+def allocator_variant(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """The main config again (``--quick``) in a child process under ``ALLOCATOR_VARIANTS[name]``.
+
+    * ``4k_pages``: default 4 KiB pages; every fresh 32 MiB tensor is ``mmap``'d by glibc and page-faulted in
+      page by page, then ``munmap``'d when freed.
+    * ``huge_pages``: PyTorch madvises allocations >= 2 MiB as 2 MiB transparent huge pages, so the same
+      tensor takes 16 faults instead of 8192.
+    * ``glibc_buffer_reuse``: 4 KiB pages, but glibc keeps freed buffers and hands them out again, so the
+      child's times are (almost) free of allocation cost -- for the paper loop as well.
     """
     import subprocess
     import tempfile
 
+    env = ALLOCATOR_VARIANTS[name]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "variant.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--quick", "--out", str(out), "--device", "cpu"]
         cmd += ["--dtype", args.dtype, "--d", str(args.d), "--rank", str(args.rank)]
         cmd += ["--experts", str(args.experts), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
-        proc = subprocess.run(cmd, env={**os.environ, **MALLOC_REUSE_ENV}, capture_output=True, text=True)
+        child_env = {k: v for k, v in os.environ.items() if k not in current_allocator_env()}
+        proc = subprocess.run(cmd, env={**child_env, **env}, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"malloc-reuse variant failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"allocator variant {name!r} failed:\n{proc.stderr[-2000:]}")
         summary = json.loads(out.read_text(encoding="utf-8"))["summary"]
     log(
-        f"main config with glibc buffer reuse ({' '.join(f'{k}={v}' for k, v in MALLOC_REUSE_ENV.items())}): "
+        f"main config, {name} ({' '.join(f'{k}={v}' for k, v in env.items())}): "
         f"fused {summary['fused_s'] * 1e3:.1f} ms = {summary['fused_vs_flop_bound']:.2f}x bound, "
         f"paper loop {summary['naive_s'] * 1e3:.1f} ms (x{summary['fused_vs_naive_speedup']:.2f})"
     )
-    return {"env": MALLOC_REUSE_ENV, "summary": summary}
+    return {"env": env, "summary": summary}
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -654,7 +691,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         return cache[shape]
 
     log(
-        f"layer_speed: device={device} dtype={args.dtype} threads={torch.get_num_threads()} quick={args.quick}"
+        f"layer_speed: device={device} dtype={args.dtype} threads={torch.get_num_threads()} quick={args.quick} "
+        f"{THP_ENV}={os.environ.get(THP_ENV)} (kernel THP: {machine.get('kernel_transparent_hugepage')})"
     )
     log("main configs (d, r, E, tokens fixed; scalar routing and FGR):")
     groups = (1,) if args.quick else tuple(g for g in GROUP_SWEEP if args.d % g == 0)
@@ -676,18 +714,20 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         spectral = bench_spectral(
             args.spectral_matrices, main.d, main.r, device=device, dtype=dtype, repeats=sweep_reps
         )
-    variant = None
-    if (
-        not args.quick
-        and args.malloc_variant
-        and device.type == "cpu"
-        and not os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    ):
-        variant = malloc_reuse_variant(args, log)
+    variants: dict[str, Any] = {}
+    if not args.quick and args.allocator_variants and device.type == "cpu":
+        mine = current_allocator_env()
+        for name, env in ALLOCATOR_VARIANTS.items():
+            if mine != {k: env.get(k, "0" if k == THP_ENV else "") for k in mine}:  # not already this one
+                variants[name] = allocator_variant(name, args, log)
 
+    kernel_thp = machine.get("kernel_transparent_hugepage")
+    # huge pages need both torch's switch and a kernel that grants madvise'd regions ("never" ignores it)
+    huge_pages = None if HUGE_PAGES is None else (HUGE_PAGES and kernel_thp in ("madvise", "always"))
     head = main_recs[0]
     summary = {
         "config": head["name"],
+        "huge_pages": huge_pages,
         "fused_vs_naive_speedup": head["speedup"],
         "memory_ratio": head["memory_ratio"],
         "fused_vs_flop_bound": head["fused_vs_flop_bound"],
@@ -733,9 +773,18 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             "implementation returns (y and dL/dx); fused_vs_flop_bound_plus_output_alloc is a diagnostic",
             "naive": "paper code's per-expert loop (A once; per expert out_e = B_e(h) of shape (N, d_out), "
             "y += w_e * out_e * scaling, w_e repeat_interleave'd to d_out under FGR) on the same tensors",
+            "allocation": "run as a script on CPU, THP_MEM_ALLOC_ENABLE=1 unless the environment sets it: PyTorch "
+            "madvises allocations >= 2 MiB as 2 MiB transparent huge pages (see `allocator`). Full CPU runs "
+            "repeat the main config (quick) under the other ALLOCATOR_VARIANTS in child processes "
+            "(`allocator_variants`)",
         },
         "summary": summary,
-        "malloc_reuse_variant": variant,
+        "allocator": {
+            "huge_pages": huge_pages,
+            THP_ENV: os.environ.get(THP_ENV),
+            "kernel_transparent_hugepage": kernel_thp,
+        },
+        "allocator_variants": variants,
         "configs": list(cache.values()),
         "sweeps": sweeps,
         "spectral": spectral,

@@ -107,7 +107,8 @@ def test_quick_run_writes_json_and_prints_contract_line_last(
     _check_schema(data, quick=True)
     assert len(data["configs"]) == 1 and data["configs"][0]["groups"] == 1
     assert data["sweeps"] == {} and data["spectral"] is None and data["plot"] is None
-    assert data["malloc_reuse_variant"] is None
+    assert data["allocator_variants"] == {}
+    assert set(data["allocator"]) == {"huge_pages", "THP_MEM_ALLOC_ENABLE", "kernel_transparent_hugepage"}
     s = data["summary"]
     assert (
         lines[-1]
@@ -135,7 +136,39 @@ def test_full_run_has_sweeps_spectral_and_plot(ls: ModuleType, tmp_path: Path) -
     for name in ("paper_term_loop", "paper_term_batched", "spectral_weights_refresh", "spectral_term_step"):
         assert spec["time_s"][name]["median_s"] > 0
     assert (tmp_path / data["plot"]).stat().st_size > 0
-    variant = data["malloc_reuse_variant"]  # the main config again, in a child with glibc buffer reuse
-    assert variant["env"] == ls.MALLOC_REUSE_ENV
-    assert variant["summary"]["config"] == data["summary"]["config"]
-    assert variant["summary"]["fused_vs_naive_speedup"] > 0 and variant["summary"]["fused_vs_flop_bound"] > 0
+    # The main config again, in children under the other allocator settings. torch was imported before the
+    # benchmark module here, so this process runs under torch's default (4 KiB pages) and that one is skipped.
+    variants = data["allocator_variants"]
+    assert set(variants) == {"huge_pages", "glibc_buffer_reuse"}
+    for name, variant in variants.items():
+        assert variant["env"] == ls.ALLOCATOR_VARIANTS[name]
+        assert variant["summary"]["config"] == data["summary"]["config"]
+        assert (
+            variant["summary"]["fused_vs_naive_speedup"] > 0 and variant["summary"]["fused_vs_flop_bound"] > 0
+        )
+    assert variants["huge_pages"]["summary"]["huge_pages"] == (
+        data["machine"]["kernel_transparent_hugepage"] in ("madvise", "always")
+    )
+    assert variants["glibc_buffer_reuse"]["summary"]["huge_pages"] is False
+
+
+@pytest.mark.parametrize("env_value", [None, "0"])
+def test_script_turns_on_huge_pages_unless_told_otherwise(tmp_path: Path, env_value: str | None) -> None:
+    """Run as a script, the benchmark sets THP_MEM_ALLOC_ENABLE=1 before importing torch; an explicit 0 wins."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if env_value is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = env_value
+    out = tmp_path / "q.json"
+    cmd = [sys.executable, str(BENCH_DIR / "layer_speed.py"), *TINY, "--quick", "--repeats", "1"]
+    proc = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    expected = "1" if env_value is None else env_value
+    assert data["allocator"]["THP_MEM_ALLOC_ENABLE"] == expected
+    assert data["machine"]["thp_mem_alloc_enable"] == expected
+    kernel_grants = data["machine"]["kernel_transparent_hugepage"] in ("madvise", "always")
+    assert data["summary"]["huge_pages"] is (expected == "1" and kernel_grants)
+    assert data["allocator"]["huge_pages"] is data["summary"]["huge_pages"]
