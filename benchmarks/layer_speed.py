@@ -69,6 +69,8 @@ from torch import nn
 from mtlora.layers import MultiExpertLoRA
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "layer_speed.json"
+# --quick writes elsewhere by default, so `make bench` never overwrites the full run's committed results
+DEFAULT_QUICK_OUT = DEFAULT_OUT.with_name("layer_speed_quick.json")
 SCALING = 64 / 16  # lora_alpha / r as in every shipped script (alpha 64, r 16); any value gives the same cost
 TOKEN_FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0)  # tokens sweep, relative to --tokens
 EXPERT_SWEEP = (2, 4, 8, 16, 32)
@@ -611,7 +613,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16 is for GPUs")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per config (default 5, quick 3)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path (a .png is written beside it)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON path; a full run writes a .png beside it (default results/{DEFAULT_OUT.name}, "
+        f"with --quick results/{DEFAULT_QUICK_OUT.name})",
+    )
     g = p.add_argument_group("shape of the main config (defaults: LLaMA-7B projection, the paper's r and E)")
     g.add_argument("--d", type=int, default=4096, help="in = out features")
     g.add_argument("--rank", type=int, default=16)
@@ -627,6 +635,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "pages, glibc buffer reuse), each in a subprocess; this skips them",
     )
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_QUICK_OUT if args.quick else DEFAULT_OUT
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
     if args.repeats < 1:

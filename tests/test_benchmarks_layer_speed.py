@@ -172,3 +172,9 @@ def test_script_turns_on_huge_pages_unless_told_otherwise(tmp_path: Path, env_va
     kernel_grants = data["machine"]["kernel_transparent_hugepage"] in ("madvise", "always")
     assert data["summary"]["huge_pages"] is (expected == "1" and kernel_grants)
     assert data["allocator"]["huge_pages"] is data["summary"]["huge_pages"]
+
+
+def test_quick_run_does_not_overwrite_the_full_results_by_default(ls: ModuleType) -> None:
+    assert ls.parse_args([]).out == ls.DEFAULT_OUT
+    assert ls.parse_args(["--quick"]).out == ls.DEFAULT_QUICK_OUT != ls.DEFAULT_OUT
+    assert ls.parse_args(["--quick", "--out", "x.json"]).out == Path("x.json")
