@@ -89,6 +89,9 @@ ALLOCATOR_VARIANTS: dict[str, dict[str, str]] = {
     "4k_pages": {THP_ENV: "0"},
     "glibc_buffer_reuse": {THP_ENV: "0", **MALLOC_REUSE_ENV},
 }
+# What an unset variable means: torch treats an unset THP_MEM_ALLOC_ENABLE as "0", glibc unset MALLOC_* as its
+# own defaults. A variant's full setting is {**ALLOCATOR_DEFAULTS, **variant}.
+ALLOCATOR_DEFAULTS: dict[str, str] = {THP_ENV: "0", **{k: "" for k in MALLOC_REUSE_ENV}}
 MAX_REPEATS = 15  # upper bound of the adaptive repeat count for cheap configs
 SAMPLE_BUDGET_S = 4.0  # cheap configs repeat until about this much time of (fused + naive) samples
 
@@ -645,10 +648,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def current_allocator_env() -> dict[str, str]:
-    """This process's values of the variables the allocator variants set (their defaults where unset:
-    torch treats an unset ``THP_MEM_ALLOC_ENABLE`` as ``0``, glibc unset ``MALLOC_*`` as its own defaults)."""
-    keys = {k for env in ALLOCATOR_VARIANTS.values() for k in env}
-    return {k: os.environ.get(k, "0" if k == THP_ENV else "") for k in sorted(keys)}
+    """This process's values of the variables the allocator variants set (``ALLOCATOR_DEFAULTS`` where unset)."""
+    return {k: os.environ.get(k, default) for k, default in ALLOCATOR_DEFAULTS.items()}
 
 
 def allocator_variant(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -670,7 +671,7 @@ def allocator_variant(name: str, args: argparse.Namespace, log: Callable[[str], 
         cmd = [sys.executable, str(Path(__file__).resolve()), "--quick", "--out", str(out), "--device", "cpu"]
         cmd += ["--dtype", args.dtype, "--d", str(args.d), "--rank", str(args.rank)]
         cmd += ["--experts", str(args.experts), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
-        child_env = {k: v for k, v in os.environ.items() if k not in current_allocator_env()}
+        child_env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_DEFAULTS}
         proc = subprocess.run(cmd, env={**child_env, **env}, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"allocator variant {name!r} failed:\n{proc.stderr[-2000:]}")
@@ -728,7 +729,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     if not args.quick and args.allocator_variants and device.type == "cpu":
         mine = current_allocator_env()
         for name, env in ALLOCATOR_VARIANTS.items():
-            if mine != {k: env.get(k, "0" if k == THP_ENV else "") for k in mine}:  # not already this one
+            if mine != {**ALLOCATOR_DEFAULTS, **env}:  # this process doesn't already run under it
                 variants[name] = allocator_variant(name, args, log)
 
     kernel_thp = machine.get("kernel_transparent_hugepage")

@@ -138,6 +138,7 @@ def test_full_run_has_sweeps_spectral_and_plot(ls: ModuleType, tmp_path: Path) -
     assert (tmp_path / data["plot"]).stat().st_size > 0
     # The main config again, in children under the other allocator settings. torch was imported before the
     # benchmark module here, so this process runs under torch's default (4 KiB pages) and that one is skipped.
+    assert all(set(env) <= set(ls.ALLOCATOR_DEFAULTS) for env in ls.ALLOCATOR_VARIANTS.values())
     variants = data["allocator_variants"]
     assert set(variants) == {"huge_pages", "glibc_buffer_reuse"}
     for name, variant in variants.items():
