@@ -191,3 +191,21 @@ def test_spectral_weights_protect_high_singular_values() -> None:
     w = torch.exp(-torch.tensor([4.0, 2.0, 1.0, 0.5]) / 1.875)
     assert per_dir[0] / 4.0 < per_dir[3] / 0.5
     assert torch.all(w[:-1] < w[1:])
+
+
+def test_uniform_mode_is_the_unweighted_orthogonality_term() -> None:
+    """mode="uniform": w = 1, so L_B = ||B^T B - s^2 I||_F^2 with s^2 = ||B||_F^2 / r, on every step."""
+    model = _spectral_model("uniform")
+    reg = SpectralRegularizer(model.mtlora_config)
+    expected = []
+    for _, a, e in expert_matrices(model):
+        B = a.expert_B(e).detach()
+        r = B.shape[1]
+        D = B.T @ B - (B.norm() ** 2 / r) * torch.eye(r)
+        expected.append((D**2).sum())
+    want = 0.5 * torch.stack(expected).mean()
+    for step in (0, 1, 7):  # applied on every micro-batch, no schedule
+        got = reg(model, global_step=step)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    got.backward()
+    assert all(a.lora_B.grad is not None and torch.count_nonzero(a.lora_B.grad) for a in model.adapters())

@@ -32,7 +32,7 @@ from mtlora.errors import ConfigError
 METHODS = ("lora", "hydralora", "mmoelora", "mtlora")
 BLOCK_TYPES = ("attention", "ffn", "both")
 BLOCK_STYLES = ("lowrank", "bottleneck")
-SPECTRAL_MODES = ("spectral", "paper")
+SPECTRAL_MODES = ("spectral", "paper", "uniform")
 PEFT_TYPE = "MTLORA"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -96,7 +96,9 @@ class MtLoraConfig(PeftConfig):
     spectral_reg_mode: str = _help(
         "spectral (default): weights w(sigma) applied in each B's own singular basis, term added on every "
         "step, SVD refreshed every spectral_reg_steps steps. paper: the released code exactly "
-        "(coordinate-indexed weights, 64 sampled matrices, added only on trigger micro-batches).",
+        "(coordinate-indexed weights, 64 sampled matrices, added only on trigger micro-batches). uniform: the "
+        "uniform orthogonality term the paper argues against (w = 1: ||B^T B - s^2 I||_F^2, every step), for "
+        "ablations such as Figure 1A.",
         default="spectral",
     )
     spectral_reg_frequency: int = _help(

@@ -34,7 +34,11 @@ high-singular-value directions, where the shared knowledge lives:
   ``w`` are refreshed every ``spectral_reg_steps`` optimizer steps (default 50) from the ``r × r`` Gram
   matrix's eigen-decomposition (cheap: no tall SVD), and the term is added on every micro-batch.
 
-In both modes the loss is the mean over the matrices used, multiplied by ``spectral_reg_lambda``.
+* ``mode="uniform"`` - every weight is 1: :math:`L_B = ‖BᵀB - s² I‖_F^2`, added on every micro-batch. This is
+  the uniform orthogonality regularizer the paper argues against (it also flattens the high-SV directions);
+  it exists for ablations such as Figure 1A's regularization-routing trade-off.
+
+In every mode the loss is the mean over the matrices used, multiplied by ``spectral_reg_lambda``.
 """
 
 from __future__ import annotations
@@ -173,6 +177,10 @@ class SpectralRegularizer:
         for module, experts in chosen.items():
             if self.mode == "paper":
                 terms = paper_spectral_term(torch.stack([module.expert_B(e) for e in experts]))
+            elif self.mode == "uniform":
+                gram = expert_grams(module, experts)
+                eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+                terms = spectral_term_from_gram(gram, eye.expand_as(gram))
             else:
                 key = id(module)
                 gram = expert_grams(module, experts)
