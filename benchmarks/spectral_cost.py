@@ -8,9 +8,11 @@ parameters it sees in training.
 
 Timed, each as the median of ``--repeats`` interleaved runs (``_common.time_interleaved``):
 
-* ``eigh``: the weights alone, ``weights_from_gram`` on the detached Gram matrices, per adapter module as the
-  regularizer does it (32 batched calls of 16 matrices);
-* ``eigh_one_batch``: the same 512 eigh in one batched call (what a fused implementation could do);
+* ``eigh``: the weights alone - ``weights_from_gram`` (float64 eigh) on all detached Gram matrices in one
+  batched call, as the regularizer does it;
+* ``eigh_per_module``: the same eigh as one batched call per adapter module (32 calls of 16 matrices), the
+  layout the regularizer used before batching across modules;
+* ``grams_only``: the Gram matrices ``B_eᵀB_e`` alone (no gradient);
 * ``term_cached_w``: the rest of the term - Gram matrices, ``‖W D W‖²``, backward to the B's - with weights
   computed beforehand (``--spectral_reg_refresh_steps``, between refreshes);
 * ``term_fresh_w``: the default mode end to end (Gram, eigh, term, backward), what a training step pays;
@@ -96,8 +98,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return fn
 
     fns = {
-        "eigh": eigh_per_module,
-        "eigh_one_batch": eigh_one_batch,
+        "eigh": eigh_one_batch,
+        "eigh_per_module": eigh_per_module,
         "grams_only": grams_only,
         "term_cached_w": term(cached),
         "term_fresh_w": term(fresh),
