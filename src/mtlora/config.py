@@ -95,8 +95,8 @@ class MtLoraConfig(PeftConfig):
     spectral_reg_lambda: float = _help("Weight lambda of the spectral regularizer.", default=0.25)
     spectral_reg_mode: str = _help(
         "spectral (default): weights w(sigma) of the current B applied in its own singular basis (an r x r "
-        "eigh every step; see --spectral_reg_refresh_steps), term added on every step. paper: the released code exactly "
-        "(coordinate-indexed weights, 64 sampled matrices, added only on trigger micro-batches). uniform: the "
+        "eigh every step; see --spectral_reg_refresh_steps), term added on every step. paper: the released "
+        "code exactly (coordinate-indexed weights, 64 sampled matrices, added only on trigger micro-batches). uniform: the "
         "uniform orthogonality term the paper argues against (w = 1: ||B^T B - s^2 I||_F^2, every step), for "
         "ablations such as Figure 1A.",
         default="spectral",

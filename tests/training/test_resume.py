@@ -237,7 +237,9 @@ def test_incomplete_checkpoint_is_refused_without_force(
     assert (tmp_path / "r" / "sft_lora_model" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("missing", ["trainer_state.json", "adapter_model.safetensors"])
+@pytest.mark.parametrize(
+    "missing", ["trainer_state.json", "adapter_model.safetensors", "adapter_config.json"]
+)
 def test_checkpoint_without_state_or_weights_is_refused_even_with_force(
     missing: str, uninterrupted, dolly_dir: Path, tmp_path: Path
 ) -> None:
@@ -340,3 +342,29 @@ def test_resume_with_another_method_or_without_fgr_is_refused(
         "--routing_group_size",
     ):
         assert flag in msg, msg
+
+
+def test_spectral_reg_steps_outside_paper_mode_is_noted_once(tmp_path: Path, caplog) -> None:
+    """The released scripts pass --spectral_reg_steps with the default mode: no effect there, and one note says so."""
+    from _tiny import tiny_model
+
+    from mtlora import MtLoraConfig, get_mtlora_model
+    from mtlora.training.arguments import MtLoraTrainingArguments
+    from mtlora.training.trainer import MtLoraTrainer
+
+    def make(**kw) -> None:
+        cfg = MtLoraConfig(method="mtlora", lora_rank=4, lora_nums=2, enable_spectral_reg=True, **kw)
+        args = MtLoraTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+        MtLoraTrainer(model=get_mtlora_model(tiny_model("llama"), cfg), args=args)
+
+    with caplog.at_level(logging.WARNING, logger="mtlora.training"):
+        make(spectral_reg_steps=500)
+    notes = [
+        r.getMessage() for r in caplog.records if "--spectral_reg_steps 500 has no effect" in r.getMessage()
+    ]
+    assert len(notes) == 1 and "--spectral_reg_mode paper" in notes[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mtlora.training"):
+        make(spectral_reg_steps=500, spectral_reg_mode="paper")
+        make()
+    assert not [r for r in caplog.records if "has no effect" in r.getMessage()]

@@ -191,9 +191,8 @@ def train(
     else:
         peft_model = get_mtlora_model(model, adapter)
 
-    if (
-        resume is not None
-    ):  # before run_config.json is rewritten: refuse a run that differs from the checkpoint's
+    # before run_config.json is rewritten: refuse a resume whose configuration differs from the checkpoint's run
+    if resume is not None:
         check_resume_config(resume, peft_model.mtlora_config, train_args, _jsonable(data_args))
     save_task_map(task_map, out / "task_map.json")
     run_config = {

@@ -282,14 +282,16 @@ def checkpoint_problems(
 ) -> tuple[list[str], list[str]]:
     """(fatal, recoverable) problems of a checkpoint folder, each naming the missing file.
 
-    Fatal: no adapter weights or no ``trainer_state.json`` (the step and epoch to continue from are unknown; the
-    Trainer cannot resume at all). Recoverable with ``--force``: optimizer, scheduler, RNG state of this rank,
+    Fatal: no adapter weights or configuration, or no ``trainer_state.json`` (the step and epoch to continue from
+    are unknown; the Trainer cannot resume at all). Recoverable with ``--force``: optimizer, scheduler, RNG state of this rank,
     and the spectral regularizer's state where later steps depend on it.
     """
     fatal: list[str] = []
     soft: list[str] = []
     if not (checkpoint / "adapter_model.safetensors").is_file():
         fatal.append("adapter_model.safetensors (the adapter weights)")
+    if not (checkpoint / "adapter_config.json").is_file():
+        fatal.append("adapter_config.json (the run's adapter configuration)")
     if not (checkpoint / "trainer_state.json").is_file():
         fatal.append("trainer_state.json (the global step and epoch to continue from)")
     if getattr(args, "deepspeed", None):
