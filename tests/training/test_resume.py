@@ -368,3 +368,27 @@ def test_spectral_reg_steps_outside_paper_mode_is_noted_once(tmp_path: Path, cap
         make(spectral_reg_steps=500, spectral_reg_mode="paper")
         make()
     assert not [r for r in caplog.records if "has no effect" in r.getMessage()]
+
+
+def test_checkpoint_problems_per_rank_rng_and_deepspeed(tmp_path: Path) -> None:
+    """Which files count: this rank's rng_state_<rank>.pth under DDP; DeepSpeed's engine folder for the optimizer."""
+    from types import SimpleNamespace
+
+    from mtlora.training.trainer import checkpoint_problems
+
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "optimizer.pt",
+                 "scheduler.pt", "rng_state_0.pth"):  # fmt: skip
+        (ckpt / name).write_text("x")
+    ddp = SimpleNamespace(world_size=2, process_index=0, deepspeed=None)
+    assert checkpoint_problems(ckpt, ddp) == ([], [])
+    fatal, soft = checkpoint_problems(ckpt, SimpleNamespace(world_size=2, process_index=1, deepspeed=None))
+    assert fatal == [] and [s.split(":")[0] for s in soft] == ["rng_state_1.pth"]
+    fatal, soft = checkpoint_problems(ckpt, SimpleNamespace(world_size=1, process_index=0, deepspeed=None))
+    assert [s.split(":")[0] for s in soft] == ["rng_state.pth"]
+    (ckpt / "optimizer.pt").unlink()
+    ds = SimpleNamespace(world_size=2, process_index=0, deepspeed="ds.json")
+    assert [s.split(":")[0] for s in checkpoint_problems(ckpt, ds)[1]] == ["optimizer.pt"]
+    (ckpt / "global_step3").mkdir()
+    assert checkpoint_problems(ckpt, ds) == ([], [])
