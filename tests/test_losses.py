@@ -151,32 +151,158 @@ def test_paper_mode_trigger_schedule() -> None:
     assert reg(fresh, global_step=10, epoch=1.0) is not None
 
 
-def test_spectral_mode_is_weighted_singular_value_penalty() -> None:
-    model = _spectral_model("spectral", spectral_reg_steps=5)
-    reg = SpectralRegularizer(model.mtlora_config)
-    got = reg(model, global_step=0)
-    expected = 0.0
-    mats = expert_matrices(model)
-    for _, a, e in mats:
+def _closed_form(model) -> torch.Tensor:
+    """Σ_k w_k⁴ (σ_k² − s²)² of the *current* B's, averaged over matrices (float64, from a fresh SVD)."""
+    total = []
+    for _, a, e in expert_matrices(model):
         B = a.expert_B(e).detach().double()
         sv = torch.linalg.svdvals(B)
         w = torch.exp(-sv / (sv.mean() + 1e-8))
         s2 = (B**2).sum() / B.shape[1]
-        expected += float((w**4 * (sv**2 - s2) ** 2).sum())
-    torch.testing.assert_close(
-        got.double(), torch.tensor(0.5 * expected / len(mats), dtype=torch.double), rtol=1e-4, atol=1e-7
-    )
-    assert got.requires_grad
-    # applies on every call; weights refreshed only every spectral_reg_steps
-    assert reg(model, global_step=0) is not None and reg(model, global_step=1) is not None
+        total.append((w**4 * (sv**2 - s2) ** 2).sum())
+    return torch.stack(total).mean()
+
+
+def test_spectral_mode_is_the_closed_form_of_the_current_b() -> None:
+    """Default mode: W from the current B at every application, so the term is Σ w⁴(σ²−s²)² of *this* B."""
+    model = _spectral_model("spectral")
+    reg = SpectralRegularizer(model.mtlora_config)
+    for step in range(4):
+        got = reg(model, global_step=step)
+        torch.testing.assert_close(got.double(), 0.5 * _closed_form(model), rtol=1e-4, atol=1e-7)
+        assert got.requires_grad
+        with torch.no_grad():  # B changes between steps (as after an optimizer step): no stale weights
+            for a in model.adapters():
+                a.lora_B.mul_(1.3).add_(torch.randn_like(a.lora_B), alpha=0.2)
+    assert reg.num_weight_computations == 4 * len(expert_matrices(model))  # one eigh per matrix and step
+
+
+def test_spectral_term_at_the_first_step_after_b_becomes_nonzero() -> None:
+    """Step 0: every B is zero (term 0, no gradient). After one real optimizer step B ≠ 0, and the term at step 1
+    is the closed form of that B - not the uniform term of a W cached from the all-zero B (issue 12 item 2)."""
+    cfg = MtLoraConfig(
+        method="mtlora", lora_rank=4, lora_nums=3, lora_dropout=0.0, enable_spectral_reg=True,
+        spectral_reg_lambda=0.5, spectral_reg_steps=500,  # the BBH scripts' value: no effect in this mode
+    )  # fmt: skip
+    model = get_mtlora_model(tiny_model("llama"), cfg)
+    model.train()
+    assert all(torch.count_nonzero(a.lora_B) == 0 for a in model.adapters())
+    reg = SpectralRegularizer(cfg)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(3, 128, (2, 9))
+    spec0 = reg(model, global_step=0)
+    assert float(spec0.detach()) == 0.0
+    (model(input_ids=ids, labels=ids).loss + spec0).backward()
+    opt.step()
+    assert all(torch.count_nonzero(a.lora_B) > 0 for a in model.adapters())
+    got = reg(model, global_step=1)
+    torch.testing.assert_close(got.double(), 0.5 * _closed_form(model), rtol=1e-4, atol=1e-12)
+    # the uniform term of the same B (what a W cached at step 0 gave) is a different number
+    uniform = SpectralRegularizer(
+        MtLoraConfig(method="mtlora", lora_rank=4, lora_nums=3, enable_spectral_reg=True,
+                     spectral_reg_lambda=0.5, spectral_reg_mode="uniform")
+    )  # fmt: skip
+    assert not torch.isclose(uniform(model, global_step=1), got, rtol=1e-2)
+
+
+def test_spectral_reg_steps_has_no_effect_in_spectral_mode_and_says_so() -> None:
+    plain = _spectral_model("spectral")
+    with_steps = _spectral_model("spectral", spectral_reg_steps=3)
+    reg_plain = SpectralRegularizer(plain.mtlora_config)
+    reg_steps = SpectralRegularizer(with_steps.mtlora_config)
+    assert reg_plain.notes() == []
+    (note,) = reg_steps.notes()
+    assert "--spectral_reg_steps 3 has no effect" in note and "--spectral_reg_mode paper" in note
+    for step in range(5):
+        assert torch.equal(reg_plain(plain, global_step=step), reg_steps(with_steps, global_step=step))
+
+
+def test_refresh_opt_in_caches_weights_but_never_from_a_zero_b() -> None:
+    cfg = MtLoraConfig(
+        method="mtlora", lora_rank=4, lora_nums=3, enable_spectral_reg=True, spectral_reg_lambda=0.5,
+        spectral_reg_refresh_steps=5,
+    )  # fmt: skip
+    model = get_mtlora_model(tiny_model("llama"), cfg)
+    n_mod, n_mat = len(list(model.adapters())), len(expert_matrices(model))
+    reg = SpectralRegularizer(cfg)
+    assert reg.has_schedule_state
+    reg(model, global_step=0)  # all B zero: weights computed for this call only, nothing cached
+    reg(model, global_step=0)
+    assert reg._weights == {} and reg.num_weight_computations == 2 * n_mat
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for a in model.adapters():
+            a.lora_B.normal_(std=0.3)
+    got = reg(model, global_step=1)  # first application with B ≠ 0: fresh weights, cached from now on
+    torch.testing.assert_close(got.double(), 0.5 * _closed_form(model), rtol=1e-4, atol=1e-7)
+    assert len(reg._weights) == n_mod and reg.num_weight_computations == 3 * n_mat
     cached = {k: v.clone() for k, v in reg._weights.items()}
     with torch.no_grad():
         for a in model.adapters():
             a.lora_B.mul_(1.5).add_(0.1)
-    reg(model, global_step=3)
+    reg(model, global_step=4)  # before the refresh (clock started at step 0): cached W, stale by design
+    assert reg.num_weight_computations == 3 * n_mat
     assert all(torch.equal(cached[k], reg._weights[k]) for k in cached)
-    reg(model, global_step=5)
+    got = reg(model, global_step=5)  # refresh due: the current B again
+    torch.testing.assert_close(got.double(), 0.5 * _closed_form(model), rtol=1e-4, atol=1e-7)
     assert any(not torch.equal(cached[k], reg._weights[k]) for k in cached)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "mode", "match"),
+    [
+        ("spectral_reg_refresh_steps", 0, "spectral", ">= 1"),
+        ("spectral_reg_refresh_steps", 10, "paper", "only applies to --spectral_reg_mode spectral"),
+        ("spectral_reg_refresh_steps", 10, "uniform", "only applies to --spectral_reg_mode spectral"),
+    ],
+)
+def test_refresh_steps_validation(field: str, value: int, mode: str, match: str) -> None:
+    with pytest.raises(MtLoraError, match=f"{field}=.*{match}"):
+        MtLoraConfig(method="mtlora", enable_spectral_reg=True, spectral_reg_mode=mode, **{field: value})
+
+
+@pytest.mark.parametrize("mode", ["paper", "spectral_refresh"])
+def test_regularizer_state_round_trips_through_a_file(mode: str, tmp_path) -> None:
+    """A regularizer restored from its saved state continues exactly like the original (no pickle involved)."""
+    kw = {"spectral_reg_steps": 3} if mode == "paper" else {"spectral_reg_refresh_steps": 4}
+    model = _spectral_model("paper" if mode == "paper" else "spectral", **kw)
+    reg = SpectralRegularizer(model.mtlora_config)
+    for step in range(3):
+        reg(model, global_step=step)
+    path = tmp_path / "spectral_state.safetensors"
+    reg.save(path)
+    restored = SpectralRegularizer(model.mtlora_config)
+    restored.load(path)
+    assert restored.state_dict().keys() == reg.state_dict().keys()
+    fresh = SpectralRegularizer(model.mtlora_config)
+    with torch.no_grad():
+        for a in model.adapters():
+            a.lora_B.mul_(1.2).add_(0.05)
+    a, b, c = (r(model, global_step=3) for r in (reg, restored, fresh))
+    if mode == "paper":  # fired at step 2: not again before 5; a fresh regularizer fires at once
+        assert a is None and b is None and c is not None
+    else:  # cached weights from step 0 (refresh at 4); a fresh one recomputes from the current B
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    assert restored.num_applications == reg.num_applications
+
+
+def test_regularizer_state_file_errors(tmp_path) -> None:
+    model = _spectral_model("paper", spectral_reg_steps=3)
+    reg = SpectralRegularizer(model.mtlora_config)
+    path = tmp_path / "spectral_state.safetensors"
+    reg.save(path)
+    other = SpectralRegularizer(_spectral_model("spectral").mtlora_config)
+    with pytest.raises(MtLoraError, match="saved by --spectral_reg_mode paper, this run uses spectral"):
+        other.load(path)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(MtLoraError, match="bad.safetensors: cannot read"):
+        reg.load(bad)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(bad))
+    with pytest.raises(MtLoraError, match="not a spectral regularizer state"):
+        reg.load(bad)
 
 
 def test_spectral_weights_protect_high_singular_values() -> None:

@@ -94,9 +94,9 @@ class MtLoraConfig(PeftConfig):
     )
     spectral_reg_lambda: float = _help("Weight lambda of the spectral regularizer.", default=0.25)
     spectral_reg_mode: str = _help(
-        "spectral (default): weights w(sigma) applied in each B's own singular basis, term added on every "
-        "step, SVD refreshed every spectral_reg_steps steps. paper: the released code exactly "
-        "(coordinate-indexed weights, 64 sampled matrices, added only on trigger micro-batches). uniform: the "
+        "spectral (default): weights w(sigma) of the current B applied in its own singular basis (an r x r "
+        "eigh every step; see --spectral_reg_refresh_steps), term added on every step. paper: the released "
+        "code exactly (coordinate-indexed weights, 64 sampled matrices, added only on trigger micro-batches). uniform: the "
         "uniform orthogonality term the paper argues against (w = 1: ||B^T B - s^2 I||_F^2, every step), for "
         "ablations such as Figure 1A.",
         default="spectral",
@@ -106,8 +106,13 @@ class MtLoraConfig(PeftConfig):
         default=1,
     )
     spectral_reg_steps: int | None = _help(
-        "paper mode: trigger at global steps N-1, 2N-1, ...; spectral mode: refresh the SVD every N steps "
-        "(None = 50).",
+        "paper mode: trigger at global steps N-1, 2N-1, ... (the released meaning). No effect in the spectral "
+        "and uniform modes (a note says so).",
+        default=None,
+    )
+    spectral_reg_refresh_steps: int | None = _help(
+        "spectral mode, opt-in: reuse each B's weights W for N optimizer steps instead of recomputing them from "
+        "the current B at every step (None). W is never taken from an all-zero B.",
         default=None,
     )
     spectral_reg_max_matrices: int | None = _help(
@@ -192,6 +197,14 @@ class MtLoraConfig(PeftConfig):
             bad("spectral_reg_frequency", "must be >= 1")
         if self.spectral_reg_steps is not None and self.spectral_reg_steps < 1:
             bad("spectral_reg_steps", "must be >= 1 or None")
+        if self.spectral_reg_refresh_steps is not None:
+            if self.spectral_reg_refresh_steps < 1:
+                bad("spectral_reg_refresh_steps", "must be >= 1 or None")
+            if self.spectral_reg_mode != "spectral":
+                bad(
+                    "spectral_reg_refresh_steps",
+                    f"only applies to --spectral_reg_mode spectral (mode is {self.spectral_reg_mode})",
+                )
         if self.spectral_reg_max_matrices is not None and self.spectral_reg_max_matrices < 1:
             bad("spectral_reg_max_matrices", "must be >= 1 or None")
         if self.routing_group_size is not None and self.routing_group_size < 1:

@@ -83,6 +83,11 @@ class MtLoraTrainingArguments(TrainingArguments):
     save_total_limit: int | None = _help("Keep at most N checkpoints.", default=1)
     remove_unused_columns: bool = _help("Must stay False: task ids travel in the batch.", default=False)
     trainable: str | None = _help("Paper flag: alias of --target_modules.", default=None)
+    force: bool = _help(
+        "With --resume_from_checkpoint: resume from a checkpoint that lacks optimizer, scheduler, RNG or "
+        "regularizer state (one warning per missing file) instead of refusing.",
+        default=False,
+    )
 
 
 def build_parser(prog: str = "mtlora train", *, with_config: bool = True) -> HfArgumentParser:

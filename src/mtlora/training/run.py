@@ -155,12 +155,19 @@ def train(
 
     from mtlora.data import DataCollatorForInstructions, load_task_map, save_task_map
     from mtlora.model import MtLoraModel, get_mtlora_model
-    from mtlora.training.trainer import JsonlLogCallback, MtLoraTrainer, save_adapter
+    from mtlora.training.trainer import (
+        JsonlLogCallback,
+        MtLoraTrainer,
+        check_resume_config,
+        prepare_resume,
+        save_adapter,
+    )
 
     t0 = time.time()
     if not torch.cuda.is_available():
         train_args.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
     out = Path(train_args.output_dir)
+    resume = prepare_resume(train_args, adapter)  # None, or a complete checkpoint folder (else an error)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(train_args.seed)
     model, tokenizer = load_base_model(model_args, train_args)
@@ -184,6 +191,9 @@ def train(
     else:
         peft_model = get_mtlora_model(model, adapter)
 
+    # before run_config.json is rewritten: refuse a resume whose configuration differs from the checkpoint's run
+    if resume is not None:
+        check_resume_config(resume, peft_model.mtlora_config, train_args, _jsonable(data_args))
     save_task_map(task_map, out / "task_map.json")
     run_config = {
         "model": _jsonable(model_args),
@@ -202,9 +212,9 @@ def train(
         data_collator=DataCollatorForInstructions.from_tokenizer(tokenizer),
         processing_class=tokenizer,
         task_map=task_map,
-        callbacks=[JsonlLogCallback(out / "train_log.jsonl")],
+        callbacks=[JsonlLogCallback(out / "train_log.jsonl", resuming=resume is not None)],
     )
-    result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     adapter_dir = out / "sft_lora_model"
     if trainer.args.should_save:
         save_adapter(peft_model, adapter_dir, tokenizer, task_map)

@@ -18,6 +18,7 @@ micro-batches (:func:`mean_over_ranks`), like the Trainer's own ``loss``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -26,9 +27,12 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from mtlora.errors import ConfigError
-from mtlora.losses import SpectralRegularizer
+from mtlora.config import MtLoraConfig
+from mtlora.errors import CheckpointError, ConfigError
+from mtlora.losses import STATE_FILE, SpectralRegularizer
 from mtlora.model import MtLoraModel
+
+logger = logging.getLogger("mtlora.training")
 
 
 def _zero_stage(args: Any) -> int | None:
@@ -91,6 +95,9 @@ class MtLoraTrainer(Trainer):
                 "--enable_spectral_reg needs the full expert matrices on every rank; it supports a single device, "
                 "DDP and DeepSpeed ZeRO-1/2, not FSDP or ZeRO-3 (parameters are sharded there)"
             )
+        if self.spectral is not None and self.args.process_index == 0:
+            for note in self.spectral.notes():
+                logger.warning("note: %s", note)
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
 
@@ -167,6 +174,27 @@ class MtLoraTrainer(Trainer):
             Path(resume_from_checkpoint) / "adapter_model.safetensors"
         )
 
+    # The regularizer's state travels with the optimizer's: both are what a checkpoint needs beyond the weights
+    # to continue exactly, both are skipped by --save_only_model, and both hooks run under every launcher
+    # (single process, DDP, DeepSpeed - where _load_from_checkpoint is not called).
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.spectral is not None and self.args.should_save:
+            self.spectral.save(Path(output_dir) / STATE_FILE)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.spectral is None:
+            return
+        path = Path(checkpoint) / STATE_FILE
+        if path.is_file():
+            self.spectral.load(path)
+        elif self.spectral.has_schedule_state and not getattr(self.args, "force", False):
+            raise CheckpointError(
+                f"{checkpoint}: no {STATE_FILE} (the spectral regularizer's schedule state); "
+                "add --force to resume without it"
+            )
+
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
         if best:
@@ -190,10 +218,19 @@ def save_adapter(
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Append every log record (step, epoch, losses, routing stats) to ``output_dir/train_log.jsonl``."""
+    """Append every log record (step, epoch, losses, routing stats) to ``output_dir/train_log.jsonl``.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    With ``resuming=True`` the records past the resumed step (written by the killed run after its checkpoint)
+    are dropped when training begins, so the log holds each step once, like an uninterrupted run's.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, resuming: bool = False) -> None:
         self.path = Path(path)
+        self.resuming = resuming
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[override]
+        if self.resuming and state.is_world_process_zero:
+            truncate_log(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[override]
         if logs is None or not state.is_world_process_zero:
@@ -201,3 +238,222 @@ class JsonlLogCallback(TrainerCallback):
         rec = {"step": state.global_step, "epoch": state.epoch, **logs}
         with self.path.open("a") as fh:
             fh.write(json.dumps(rec, default=float) + "\n")
+
+
+def truncate_log(path: Path, step: int) -> int:
+    """Drop the records of ``path`` (JSON lines) whose ``step`` is past ``step``; returns how many were dropped.
+
+    A line cut short by a kill is dropped too. The file is rewritten atomically (temp file + rename).
+    """
+    if not path.is_file():
+        return 0
+    kept: list[str] = []
+    dropped = 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            keep = isinstance(rec, dict) and int(rec.get("step", 0)) <= step
+        except (json.JSONDecodeError, TypeError, ValueError):
+            keep = False
+        if keep:
+            kept.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+        logger.info("%s: dropped %d record(s) past the resumed step %d", path, dropped, step)
+    return dropped
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+#: Files of a Trainer checkpoint besides the weights, and what a resume without them would get wrong.
+_STATE_FILES = {
+    "optimizer": "the optimizer state (Adam moments) would restart from zero",
+    "scheduler": "the learning-rate schedule would restart from its first step",
+    "rng": "the random state (dropout masks, data order) would differ from an uninterrupted run",
+    "spectral": "the spectral regularizer's schedule (paper-mode triggers / cached weights) would restart",
+}
+
+
+def checkpoint_problems(
+    checkpoint: Path, args: Any, config: MtLoraConfig | None = None
+) -> tuple[list[str], list[str]]:
+    """(fatal, recoverable) problems of a checkpoint folder, each naming the missing file.
+
+    Fatal: no adapter weights or configuration, or no ``trainer_state.json`` (the step and epoch to continue from
+    are unknown; the Trainer cannot resume at all). Recoverable with ``--force``: optimizer, scheduler, RNG state of this rank,
+    and the spectral regularizer's state where later steps depend on it.
+    """
+    fatal: list[str] = []
+    soft: list[str] = []
+    if not (checkpoint / "adapter_model.safetensors").is_file():
+        fatal.append("adapter_model.safetensors (the adapter weights)")
+    if not (checkpoint / "adapter_config.json").is_file():
+        fatal.append("adapter_config.json (the run's adapter configuration)")
+    if not (checkpoint / "trainer_state.json").is_file():
+        fatal.append("trainer_state.json (the global step and epoch to continue from)")
+    if getattr(args, "deepspeed", None):
+        has_optimizer = (checkpoint / "latest").is_file() or any(checkpoint.glob("global_step*"))
+        has_scheduler = has_optimizer or (checkpoint / "scheduler.pt").is_file()
+    else:
+        has_optimizer = (checkpoint / "optimizer.pt").is_file() or any(checkpoint.glob("optimizer*"))
+        has_scheduler = (checkpoint / "scheduler.pt").is_file()
+    if not has_optimizer:
+        soft.append(f"optimizer.pt: {_STATE_FILES['optimizer']}")
+    if not has_scheduler:
+        soft.append(f"scheduler.pt: {_STATE_FILES['scheduler']}")
+    world = int(getattr(args, "world_size", 1) or 1)
+    rng = "rng_state.pth" if world <= 1 else f"rng_state_{int(getattr(args, 'process_index', 0))}.pth"
+    if not (checkpoint / rng).is_file():
+        soft.append(f"{rng}: {_STATE_FILES['rng']}")
+    if (
+        config is not None
+        and config.enable_spectral_reg
+        and SpectralRegularizer(config).has_schedule_state
+        and not (checkpoint / STATE_FILE).is_file()
+    ):
+        soft.append(f"{STATE_FILE}: {_STATE_FILES['spectral']}")
+    return fatal, soft
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def prepare_resume(args: Any, config: MtLoraConfig | None = None) -> Path | None:
+    """Resolve ``--resume_from_checkpoint`` and refuse a checkpoint that cannot continue the run exactly.
+
+    ``True`` means the latest checkpoint in ``--output_dir`` (transformers' meaning); if that one is
+    incomplete (e.g. a kill during its save) the latest complete one is used, with a warning. ``False``/empty
+    means no resume. A path that does not exist, or a checkpoint without weights or ``trainer_state.json``, is
+    an error. A checkpoint without optimizer, scheduler, RNG or regularizer state is refused unless
+    ``--force``, which resumes with one warning per missing file saying what will differ.
+    """
+    value = getattr(args, "resume_from_checkpoint", None)
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false")):
+        return None
+    force = bool(getattr(args, "force", False))
+    if value is True or (isinstance(value, str) and value.strip().lower() == "true"):
+        out = Path(args.output_dir)
+        found = (
+            sorted(
+                (p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()),
+                key=_checkpoint_step,
+                reverse=True,
+            )
+            if out.is_dir()
+            else []
+        )
+        if not found:
+            raise ConfigError(
+                f"--resume_from_checkpoint True: no checkpoint-<step> folder in --output_dir {out}"
+            )
+        complete = [p for p in found if checkpoint_problems(p, args, config) == ([], [])]
+        checkpoint = complete[0] if complete else found[0]
+        if checkpoint != found[0]:
+            fatal, soft = checkpoint_problems(found[0], args, config)
+            logger.warning(
+                "warning: %s is incomplete (missing %s); resuming from %s",
+                found[0],
+                "; ".join(x.split(" ", 1)[0].rstrip(":") for x in fatal + soft),
+                checkpoint,
+            )
+    else:
+        checkpoint = Path(value)
+        if not checkpoint.exists():
+            raise ConfigError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+        if not checkpoint.is_dir():
+            raise ConfigError(
+                f"--resume_from_checkpoint {value}: not a folder (give a checkpoint-<step> folder)"
+            )
+    fatal, soft = checkpoint_problems(checkpoint, args, config)
+    if fatal:
+        raise ConfigError(
+            f"--resume_from_checkpoint {checkpoint}: cannot resume, missing {'; '.join(fatal)}. To start a new run "
+            "from its adapter weights use --peft_path"
+        )
+    if soft and not force:
+        raise ConfigError(
+            f"--resume_from_checkpoint {checkpoint}: incomplete checkpoint, missing {'; '.join(soft)}. "
+            "Add --force to resume anyway"
+        )
+    for problem in soft:
+        logger.warning("warning: resuming from %s without %s (--force)", checkpoint, problem)
+    return checkpoint
+
+
+#: Adapter-config keys that are bookkeeping, not part of the trained model (never compared on resume).
+_CONFIG_BOOKKEEPING = frozenset(
+    {"task_type", "peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "mtlora_version"}
+)
+#: Training flags that define the optimisation trajectory: resuming with another value is refused. (The length
+#: of the run - --num_train_epochs / --max_steps - and saving/logging flags may change on resume.)
+RESUME_TRAINING_FIELDS = (
+    "seed",
+    "data_seed",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "optim",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "bf16",
+    "fp16",
+    "dataloader_drop_last",
+    "group_by_length",
+)
+#: Data flags (from the run's ``run_config.json`` next to the checkpoint, when there is one).
+RESUME_DATA_FIELDS = ("max_seq_length", "template", "max_train_samples")
+
+
+def check_resume_config(
+    checkpoint: Path,
+    config: MtLoraConfig,
+    args: Any,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Refuse to resume with a configuration that differs from the run that wrote ``checkpoint``.
+
+    Compared: every adapter field (the checkpoint's ``adapter_config.json``), the training flags in
+    :data:`RESUME_TRAINING_FIELDS` (its ``training_args.json``) and, when the checkpoint sits in a run folder
+    with ``run_config.json``, the data flags in :data:`RESUME_DATA_FIELDS`. The error names every differing
+    flag with both values.
+    """
+    diffs: list[str] = []
+    saved_cfg = MtLoraConfig.from_json_file(checkpoint / "adapter_config.json").to_dict()
+    now_cfg = config.to_dict()
+    for key in sorted((set(saved_cfg) | set(now_cfg)) - _CONFIG_BOOKKEEPING):
+        if saved_cfg.get(key) != now_cfg.get(key):
+            diffs.append(f"--{key} {now_cfg.get(key)!r} (checkpoint: {saved_cfg.get(key)!r})")
+    args_file = checkpoint / "training_args.json"
+    if args_file.is_file():
+        try:
+            saved_args = json.loads(args_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{args_file}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+        now_args = json.loads(args.to_json_string())
+        for key in RESUME_TRAINING_FIELDS:
+            if key in saved_args and key in now_args and saved_args[key] != now_args[key]:
+                diffs.append(f"--{key} {now_args[key]!r} (checkpoint: {saved_args[key]!r})")
+    run_config = checkpoint.parent / "run_config.json"
+    if data is not None and run_config.is_file():
+        try:
+            saved_data = json.loads(run_config.read_text()).get("data", {})
+        except (json.JSONDecodeError, AttributeError):
+            saved_data = {}
+        for key in RESUME_DATA_FIELDS:
+            if key in saved_data and key in data and saved_data[key] != data[key]:
+                diffs.append(f"--{key} {data[key]!r} (checkpoint's run: {saved_data[key]!r})")
+    if diffs:
+        raise ConfigError(
+            f"--resume_from_checkpoint {checkpoint}: the configuration differs from the checkpoint's run: "
+            f"{'; '.join(diffs)}. Resume with the run's flags, or start a new run from its adapter with --peft_path"
+        )
