@@ -265,8 +265,8 @@ class MultiExpertLoRA(nn.Module):
             h = F.linear(self.dropout(x2), self.lora_A)  # (N, r) - A once for all experts
         if self.has_relu:
             h = F.relu(h)
-        if self.scaling != 1.0:  # scale the (N, r) activations, not the (N, d_out) output: d_out/r times cheaper
-            h = h * self.scaling
+        if self.scaling != 1.0:
+            h = h * self.scaling  # scale the (N, r) activations, not the (N, d_out) output: d_out/r cheaper
         d_out, n_tok = self.out_features, x2.shape[0]
         z, w = h, self.lora_B.view(d_out, -1)  # y = z w^T; (d_out, r) unless token-routed (d_out, E*r)
         if self.expert_scales is not None and self.router_kind == "none":

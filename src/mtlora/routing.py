@@ -111,9 +111,7 @@ class TaskRouter(nn.Module):
         """The "general" task id (``task_num``) of a ``general_task`` router, else None."""
         return self.task_num if self.general_task else None
 
-    def forward(
-        self, task_ids: torch.Tensor | None, batch_size: int, tokens_per_sample: int
-    ) -> torch.Tensor:
+    def forward(self, task_ids: torch.Tensor | None, batch_size: int, tokens_per_sample: int) -> torch.Tensor:
         """Gate probabilities ``(batch_size * tokens_per_sample, 1, E)`` for the flattened tokens.
 
         ``task_ids`` has one id per sample; if the activations carry ``k`` times as many samples (beam
