@@ -126,6 +126,8 @@ def static_up_projection(adapter: MultiExpertLoRA, probs: torch.Tensor | None) -
     gate (``probs`` ``(1, E)``) expert e scales its rank slice of B's columns.
     """
     b = adapter.lora_B.detach().float()  # (d_out, E_b, r)
+    if adapter.expert_scales is not None:  # adaptformer: expert e's up-projection is s_e B_e
+        b = b * adapter.expert_scales.detach().float().to(b.device)[None, :, None]
     if adapter.router_kind == "none":
         return b[:, 0, :].clone()
     if probs is None:
@@ -175,7 +177,7 @@ def _collapsed_forward(
     if not torch.is_autocast_enabled(x.device.type):
         x2 = x2.to(adapter.lora_A.dtype)
     h = F.linear(adapter.dropout(x2), adapter.lora_A)
-    if adapter.style == "bottleneck":
+    if adapter.has_relu:
         h = F.relu(h)
     y = F.linear(h, b_static) * adapter.scaling
     y = y.reshape(*batch_shape, adapter.out_features).to(out_dtype if base is None else base.dtype)
@@ -589,7 +591,7 @@ def export_block_adapter(
         "base_model_name_or_path": base_model_name_or_path or model.mtlora_config.base_model_name_or_path,
         "weights": BLOCK_WEIGHTS_NAME,
         "placement": "forward hook on each named block; adds scaling * B act(A x) to the block output, "
-        "x = the block input (the pre-norm output); act = identity (lowrank) or ReLU (bottleneck)",
+        "x = the block input (the pre-norm output); act = identity (lowrank) or ReLU (bottleneck, adaptformer)",
         "modules": entries,
     }
     (out / BLOCK_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -630,7 +632,7 @@ def load_block_export(model: Any, path: Any) -> list:
         device = next(host.parameters()).device
         a = tensors[name + ".lora_A"].to(device)
         b = tensors[name + ".lora_B"].to(device)
-        scaling, relu = float(entry["scaling"]), entry["style"] == "bottleneck"
+        scaling, relu = float(entry["scaling"]), entry["style"] in ("bottleneck", "adaptformer")
 
         def hook(module, args, kwargs, output, a=a, b=b, scaling=scaling, relu=relu, name=name):
             x = (
