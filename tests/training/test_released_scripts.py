@@ -1,0 +1,150 @@
+"""The released experiment scripts' command lines run unchanged against our ``train.py`` / ``eval_*.py`` (issue 13).
+
+Source: ``../shared/docs/released_exp_commands.tsv``: every ``exp/**`` script of doem97/ICLR26_mtLoRA @ 61dea0d
+with its shell variables substituted (98 ``train.py`` command lines, 47 ``eval_bbh.py``, 51 ``eval_mmlu.py``).
+Each ``train.py`` line is run in-process, as ``python train.py <args>`` would run it, with these substitutions
+and no others:
+
+* paths: ``--model_name_or_path`` / ``--tokenizer_name_or_path`` -> ``mtlora:stories260k`` (the bundled
+  model); ``--dataset_dir`` / ``--validation_file`` -> a small subset of the bundled training samples laid out
+  like the released folders (``flan_v2_subset/train.json``; ``dolly-15k-converted/{train,validation}.json``),
+  namely the 64 shortest records of each sample, so that the released batch sizes, gradient accumulation and
+  ``--max_seq_length 512`` stay as written and two steps still take about a second;
+  ``--output_dir`` / ``--logging_dir`` -> folders under pytest's tmp dir;
+* GPU count, launcher and precision: no ``accelerate launch``, ``--deepspeed <config>`` and ``--bf16`` dropped
+  (no DeepSpeed and fp32 on CPU);
+* model size: ``--routing_group_size g`` -> ``g * 64 / 4096`` (``/ 5120`` for the LLaMA-2-13B lines), the same
+  number of routing groups G on the tiny model's hidden size 64, as ``mtlora repro`` scales them;
+* length and batch (for time: all 98 runs within about three minutes on two CPU cores):
+  ``--max_steps 2`` added and ``--per_device_train_batch_size B`` -> 1. ``--gradient_accumulation_steps``
+  stays as written, so every run still takes 1, 2 or 4 micro-batches per optimizer step; the batch size is a
+  plain Trainer argument whose value changes nothing else.
+
+All 98 command lines run; none is deduplicated.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+from _tiny import REPO, SHARED
+
+from mtlora.training.cli import main as train_main
+
+TSV = SHARED / "docs" / "released_exp_commands.tsv"
+TINY = "mtlora:stories260k"
+SAMPLES = REPO / "src" / "mtlora" / "assets" / "train_data"
+PAPER_HIDDEN = {"llama-2-7b": 4096, "llama-2-13b": 5120}
+TINY_HIDDEN = 64
+N_RECORDS = 64
+
+
+def released_rows(program: str) -> list[tuple[str, list[str]]]:
+    """``(script, argv)`` of every released command line of ``program``, in the TSV's order."""
+    if not TSV.is_file():
+        return []
+    with TSV.open(newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))[1:]
+    return [(r[0], shlex.split(r[2])) for r in rows if r[1] == program]
+
+
+TRAIN_ROWS = released_rows("train.py")
+needs_tsv = pytest.mark.skipif(not TSV.is_file(), reason=f"released command table not found at {TSV}")
+
+
+def _shortest(path: Path, n: int) -> list[dict]:
+    records = json.loads(path.read_text())
+    return sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:n]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """The released data folders, filled with the shortest records of the bundled samples."""
+    root = tmp_path_factory.mktemp("released_data")
+    flan = root / "flan_v2_subset"
+    flan.mkdir()
+    (flan / "train.json").write_text(
+        json.dumps(_shortest(SAMPLES / "flan_cot_sample" / "train.json", N_RECORDS))
+    )
+    dolly = root / "dolly-15k-converted"
+    dolly.mkdir()
+    records = _shortest(SAMPLES / "dolly_sample" / "train.json", N_RECORDS + 16)
+    (dolly / "train.json").write_text(json.dumps(records[:N_RECORDS]))
+    (dolly / "validation.json").write_text(json.dumps(records[N_RECORDS:]))
+    return root
+
+
+def substitute(argv: list[str], data_root: Path, run_root: Path) -> list[str]:
+    """The documented substitutions (module docstring) applied to one released ``train.py`` command line."""
+    model = next(argv[i + 1] for i, a in enumerate(argv) if a == "--model_name_or_path")
+    hidden = PAPER_HIDDEN[Path(model).name]
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag = argv[i]
+        value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+        if flag == "--bf16":
+            i += 1
+            continue
+        if flag == "--deepspeed":
+            i += 2
+            continue
+        if flag in ("--model_name_or_path", "--tokenizer_name_or_path"):
+            value = TINY
+        elif flag in ("--dataset_dir", "--validation_file"):
+            assert value is not None and value.startswith("./data/"), value
+            value = str(data_root / value[len("./data/") :])
+        elif flag in ("--output_dir", "--logging_dir"):
+            assert value is not None and value.startswith("./"), value
+            value = str(run_root / value[2:])
+        elif flag == "--per_device_train_batch_size":
+            value = "1"
+        elif flag == "--routing_group_size":
+            assert value is not None
+            value = str(int(value) * TINY_HIDDEN // hidden)
+        out += [flag] if value is None else [flag, value]
+        i += 1 if value is None else 2
+    return [*out, "--max_steps", "2"]
+
+
+@needs_tsv
+def test_the_table_has_every_released_script() -> None:
+    assert len(TRAIN_ROWS) == 98
+    assert len(released_rows("eval_bbh.py")) == 47 and len(released_rows("eval_mmlu.py")) == 51
+    assert len({script for script, _ in TRAIN_ROWS}) == 98
+
+
+@pytest.mark.slow
+@needs_tsv
+@pytest.mark.parametrize("script,argv", TRAIN_ROWS, ids=[s for s, _ in TRAIN_ROWS])
+def test_released_train_command_trains_and_saves(
+    script: str, argv: list[str], data_root: Path, tmp_path: Path
+) -> None:
+    args = substitute(argv, data_root, tmp_path)
+    assert train_main(args) == 0
+    out = Path(args[args.index("--output_dir") + 1])
+    logs = Path(args[args.index("--logging_dir") + 1])
+    adapter = json.loads((out / "sft_lora_model" / "adapter_config.json").read_text())
+    assert (out / "sft_lora_model" / "adapter_model.safetensors").is_file()
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()  # --save_strategy epoch at the end
+    for name in ("train_log.jsonl", "train_results.json", "trainer_state.json"):
+        assert (logs / name).is_file(), name
+    # the released meaning of the flags reached the adapter
+    flags = dict(zip(argv[::1], argv[1::1], strict=False))
+    assert adapter["method"] == flags["--method"]
+    assert adapter["lora_rank"] == int(flags["--lora_rank"]) and adapter["lora_nums"] == int(
+        flags["--lora_nums"]
+    )
+    assert adapter["enable_blc"] is True
+    assert adapter["enable_block_adapter"] is ("--enable_block_adapter" in argv)
+    assert adapter["enable_spectral_reg"] is ("--enable_spectral_reg" in argv)
+    if "--trainable" in argv:
+        assert adapter["target_modules"] == flags["--trainable"].split(",")
+    state = json.loads((logs / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1  # --logging_first_step True
