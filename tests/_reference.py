@@ -13,12 +13,13 @@ def naive_forward(m: MultiExpertLoRA, x: torch.Tensor, task_ids: torch.Tensor | 
     shape = x.shape[:-1]
     x2 = x.reshape(-1, m.in_features).float()
     h = x2 @ m.lora_A.float().T
-    if m.style == "bottleneck":
+    if m.style in ("bottleneck", "adaptformer"):
         h = F.relu(h)
+    scales = m.expert_scales.float() if m.expert_scales is not None else torch.ones(m.num_experts)
     d_out = m.out_features
     y = torch.zeros(x2.shape[0], d_out, dtype=torch.float32)
     if m.router_kind == "none":
-        y = h @ m.lora_B.float().reshape(d_out, m.rank).T
+        y = (h @ m.lora_B.float().reshape(d_out, m.rank).T) * scales[0]
     elif m.router_kind == "task":
         emb = m.router.embedding.weight.float()[task_ids]
         gate = torch.softmax(emb @ m.router.gate.weight.float().T, dim=-1)  # (B, E)
@@ -36,7 +37,7 @@ def naive_forward(m: MultiExpertLoRA, x: torch.Tensor, task_ids: torch.Tensor | 
         pi = torch.softmax(logits, dim=-1)
         gs = d_out // G
         for e in range(E):
-            out_e = h @ m.expert_B(e).float().T  # full d_out output of expert e
+            out_e = (h @ m.expert_B(e).float().T) * scales[e]  # full d_out output of expert e
             weight = pi[:, :, e].repeat_interleave(gs, dim=-1)  # (N, d_out)
             y = y + weight * out_e
     return (y * m.scaling).reshape(*shape, d_out)
