@@ -292,6 +292,8 @@ def train(
     if not torch.cuda.is_available():
         train_args.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
     check_output_dir(train_args)
+    if train_args.label_names is None:  # the wrapper's forward(**kwargs) hides `labels` from the Trainer,
+        train_args.label_names = ["labels"]  # which then computes no evaluation loss (--do_eval)
     out = Path(train_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_dirs = [out] + ([Path(train_args.logging_dir)] if train_args.logging_dir else [])
