@@ -14,7 +14,11 @@ and no others:
 * GPU count, launcher and precision: no ``accelerate launch``, ``--deepspeed <config>`` and ``--bf16`` dropped
   (no DeepSpeed and fp32 on CPU);
 * model size: ``--routing_group_size g`` -> ``g * 64 / 4096`` (``/ 5120`` for the LLaMA-2-13B lines), the same
-  number of routing groups G on the tiny model's hidden size 64, as ``mtlora repro`` scales them;
+  number of routing groups G on the tiny model's hidden size 64, as ``mtlora repro`` scales them, rounded to
+  the nearest size that divides every adapted output: block adapters output 64 dims, but component-level
+  ``q_proj`` / ``v_proj`` output 64 / 32 (the tiny model has grouped-query attention, LLaMA-2-7B has not), so
+  there the size must divide 32 (g4096 -> 32: G = 2 / 1 instead of 1 / 1), and 13B's G = 10 and 20
+  (g512, g256) do not exist on 64 dims (-> G = 8 and 16);
 * length and batch (for time: all 98 runs within about three minutes on two CPU cores):
   ``--max_steps 2`` added and ``--per_device_train_batch_size B`` -> 1. ``--gradient_accumulation_steps``
   stays as written, so every run still takes 1, 2 or 4 micro-batches per optimizer step; the batch size is a
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shlex
 from pathlib import Path
 
@@ -40,6 +45,7 @@ TINY = "mtlora:stories260k"
 SAMPLES = REPO / "src" / "mtlora" / "assets" / "train_data"
 PAPER_HIDDEN = {"llama-2-7b": 4096, "llama-2-13b": 5120}
 TINY_HIDDEN = 64
+TINY_KV_OUT = 32  # v_proj output size of stories260k (4 key/value heads of 8 dims)
 N_RECORDS = 64
 
 
@@ -78,6 +84,13 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
+def nearest_group_size(target: float, outputs: tuple[int, ...]) -> int:
+    """The group size dividing every size in ``outputs`` that is nearest to ``target`` (by ratio)."""
+    common = math.gcd(*outputs)
+    divisors = [d for d in range(1, common + 1) if common % d == 0]
+    return min(divisors, key=lambda d: abs(math.log(d / target)))
+
+
 def substitute(argv: list[str], data_root: Path, run_root: Path) -> list[str]:
     """The documented substitutions (module docstring) applied to one released ``train.py`` command line."""
     model = next(argv[i + 1] for i, a in enumerate(argv) if a == "--model_name_or_path")
@@ -105,7 +118,8 @@ def substitute(argv: list[str], data_root: Path, run_root: Path) -> list[str]:
             value = "1"
         elif flag == "--routing_group_size":
             assert value is not None
-            value = str(int(value) * TINY_HIDDEN // hidden)
+            outputs = (TINY_HIDDEN,) if "--enable_block_adapter" in argv else (TINY_HIDDEN, TINY_KV_OUT)
+            value = str(nearest_group_size(int(value) * TINY_HIDDEN / hidden, outputs))
         out += [flag] if value is None else [flag, value]
         i += 1 if value is None else 2
     return [*out, "--max_steps", "2"]
