@@ -162,3 +162,100 @@ def test_released_train_command_trains_and_saves(
     assert state["global_step"] == 2
     first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1  # --logging_first_step True
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+EVAL_ROWS = {prog: released_rows(prog) for prog in ("eval_bbh.py", "eval_mmlu.py")}
+_PATH_FLAGS = ("--output_dir", "--logging_dir", "--lora_checkpoint")
+
+
+def _shape(argv: list[str]) -> tuple[str, ...]:
+    """A command line without its per-script paths: the rows that differ only in paths run the same way."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _PATH_FLAGS:
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return tuple(out)
+
+
+def _one_per_shape(program: str) -> list[tuple[str, list[str]]]:
+    seen: dict[tuple[str, ...], tuple[str, list[str]]] = {}
+    for script, argv in EVAL_ROWS[program]:
+        seen.setdefault(_shape(argv), (script, argv))
+    return list(seen.values())
+
+
+EVAL_CASES = [(prog, script, argv) for prog in EVAL_ROWS for script, argv in _one_per_shape(prog)]
+
+
+@pytest.fixture(scope="module")
+def released_mmlu_skeleton(tmp_path_factory) -> Path:
+    """The released ``data/mmlu_dataset`` as shipped, for one subject: ``save_to_disk`` metadata, no .arrow."""
+    root = tmp_path_factory.mktemp("data") / "mmlu_dataset"
+    subject = root / "abstract_algebra"
+    for split in ("test", "validation", "dev"):
+        (subject / split).mkdir(parents=True)
+        state = {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": split}
+        (subject / split / "state.json").write_text(json.dumps(state))
+        (subject / split / "dataset_info.json").write_text("{}")
+    (subject / "dataset_dict.json").write_text(json.dumps({"splits": ["test", "validation", "dev"]}))
+    return root
+
+
+@pytest.mark.slow
+@needs_tsv
+@pytest.mark.parametrize("program,script,argv", EVAL_CASES, ids=[f"{p}:{s}" for p, s, _ in EVAL_CASES])
+def test_released_eval_command_runs(
+    program: str,
+    script: str,
+    argv: list[str],
+    data_root: Path,
+    released_mmlu_skeleton: Path,
+    tmp_path: Path,
+    capsys,
+) -> None:
+    """One command line per distinct eval shape (the others differ only in paths), on a checkpoint that the
+    same script's ``train.py`` line trained. Substitutions: the paths (model, adapter, data, output, logs;
+    ``--bbh_data_dir`` -> the bundled BBH, ``--mmlu_data_dir`` -> the released skeleton folder, which falls back
+    to the bundled MMLU) and the size (``--limit 1`` on one task or subject)."""
+    from mtlora.evaluation.cli import run
+    from mtlora.evaluation.data import bundled_data_dir
+
+    train_argv = substitute(dict(TRAIN_ROWS)[script], data_root, tmp_path / "train")
+    assert train_main(train_argv) == 0
+    out_dir = Path(train_argv[train_argv.index("--output_dir") + 1])
+    args: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, value = argv[i], argv[i + 1] if i + 1 < len(argv) else None
+        if value is not None and value.startswith("--"):
+            value = None
+        if flag == "--model_name_or_path":
+            value = TINY
+        elif flag == "--lora_checkpoint":  # "$OUTPUT_DIR/checkpoint-$CHECKPOINT_STEP" or ".../sft_lora_model"
+            value = str(out_dir / ("sft_lora_model" if value.endswith("sft_lora_model") else "checkpoint-2"))
+        elif flag in ("--output_dir", "--logging_dir"):
+            value = str(tmp_path / "eval" / value[2:])
+        elif flag == "--bbh_data_dir":
+            value = str(bundled_data_dir("bbh"))
+        elif flag == "--mmlu_data_dir":
+            assert value == "./data/mmlu_dataset"
+            value = str(released_mmlu_skeleton)
+        args += [flag] if value is None else [flag, value]
+        i += 1 if value is None else 2
+    bench = "bbh" if program == "eval_bbh.py" else "mmlu"
+    names = ["--tasks", "navigate"] if bench == "bbh" else ["--subjects", "abstract_algebra"]
+    assert run(bench, [*args, *names, "--limit", "1", "--no_progress"], prog=program) == 0
+    out = Path(args[args.index("--output_dir") + 1])
+    logs = Path(args[args.index("--logging_dir") + 1])
+    result = json.loads((out / f"{bench}_results.json").read_text())
+    assert (logs / f"{bench}_results.json").is_file()
+    assert result["auto_batch"] is True and result["fallback_batch_size"] == 1
+    assert result["batch_size"] == int(args[args.index("--batch_size") + 1])
+    if bench == "mmlu":
+        assert result["adaptive_max_length"] is True
+        assert result["data_dir"].startswith("bundled (fallback:")
+        assert "released mmlu_dataset skeleton" in capsys.readouterr().err
