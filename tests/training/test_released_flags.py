@@ -244,3 +244,61 @@ def test_overwrite_cache_and_preprocessing_workers(tmp_path: Path) -> None:
     assert not marker.exists()  # --overwrite_cache: tokenised again, entry replaced
     assert again["input_ids"] == first["input_ids"] and again["labels"] == first["labels"]
     shutil.rmtree(entry)
+
+
+# -------------------------------------------------------------- every flag the released train.py defines
+FLAGS_DOC = REPO.parent / "shared" / "docs" / "official_train_flags.md"
+QLORA_FLAGS = {"--double_quant", "--quant_type"}  # the QLoRA work's (bitsandbytes), not this test's
+#: flags whose released meaning cannot apply here, with the start of their one-line refusal
+REFUSED = {"--config_overrides": "--config_overrides: only for training a model from scratch"}
+
+
+def _released_flags() -> list[tuple[str, str]]:
+    if not FLAGS_DOC.is_file():
+        return []
+    rows = []
+    for line in FLAGS_DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 4 and cells[2].startswith("`--"):
+            rows.append((cells[2].strip("`"), cells[3].strip("`").strip("'")))
+    return rows
+
+
+def _sample_value(flag: str, default: str, tmp_path: Path) -> str:
+    samples = {
+        "--tokenizer_name_or_path": TINY, "--tokenizer_name": TINY, "--config_name": TINY,
+        "--config_overrides": "n_embd=10", "--cache_dir": str(tmp_path / "hf"), "--torch_dtype": "float32",
+        "--train_file": str(DOLLY), "--validation_file": str(DOLLY), "--preprocessing_num_workers": "1",
+        "--data_cache_dir": str(tmp_path / "cache"), "--modules_to_save": "lm_head", "--peft_path": str(tmp_path),
+        "--logging_dir": str(tmp_path / "logs"), "--block_adapter_rank": "8", "--spectral_reg_steps": "10",
+        "--model_name_or_path": TINY, "--dataset_dir": str(DOLLY.parent),
+    }  # fmt: skip
+    return samples.get(flag, default)
+
+
+@pytest.mark.skipif(not FLAGS_DOC.is_file(), reason=f"{FLAGS_DOC} not found")
+def test_every_flag_of_the_released_train_py_is_accepted_or_refused_with_one_line(tmp_path: Path) -> None:
+    flags = _released_flags()
+    assert len(flags) == 51
+    base = [
+        "--model_name_or_path",
+        TINY,
+        "--dataset_dir",
+        str(DOLLY.parent),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    for flag, default in flags:
+        if flag in QLORA_FLAGS:
+            continue
+        argv = [*base, flag, _sample_value(flag, default, tmp_path)]
+        if flag == "--routing_group_size":
+            argv += ["--method", "mtlora", "--enable_fine_grained_routing"]
+        if flag in REFUSED:
+            with pytest.raises(ConfigError, match=REFUSED[flag]):
+                parse_train_args(argv)
+            continue
+        try:
+            parse_train_args(argv)
+        except (ConfigError, SystemExit) as exc:
+            pytest.fail(f"{flag} {argv[-1]!r} refused: {exc}")
