@@ -302,3 +302,11 @@ def test_every_flag_of_the_released_train_py_is_accepted_or_refused_with_one_lin
             parse_train_args(argv)
         except (ConfigError, SystemExit) as exc:
             pytest.fail(f"{flag} {argv[-1]!r} refused: {exc}")
+
+
+def test_the_released_deepspeed_config_name_exists() -> None:
+    """The BBH scripts pass ``--deepspeed ./configs/ds_zero2_multi_gpu.json`` (ZeRO-2, CPU optimizer offload)."""
+    ours = json.loads((REPO / "configs" / "ds_zero2_multi_gpu.json").read_text())
+    assert ours == json.loads((REPO / "configs" / "ds_zero2_offload.json").read_text())
+    assert ours["zero_optimization"]["stage"] == 2
+    assert ours["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
