@@ -236,3 +236,22 @@ def test_config_rules_of_the_released_variants() -> None:
         get_mtlora_model(tiny_model(), MtLoraConfig(method="adalora"))
     with pytest.raises(MtLoraError, match="not a task gate"):
         MultiExpertLoRA(8, 8, 4, 2, router="task", task_num=2, style="adaptformer")
+
+
+def test_repro_paper_faithful_builds_the_released_mmoelora_embedding(tmp_path, capsys) -> None:
+    """Issue 12 item 6: ``mtlora repro --paper_faithful`` trains MMoELoRA with the task_num + 1 embedding."""
+    import shlex
+
+    from mtlora.training.arguments import parse_train_args
+
+    for faithful in (False, True):
+        argv = ["repro", "table1", "--dry-run", "--output_dir", str(tmp_path)] + (
+            ["--paper_faithful"] * faithful
+        )
+        assert cli_main(argv) == 0
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if "train.py" in ln and "mmoelora" in ln]
+        assert len(lines) == 2  # BBH and MMLU
+        train_argv = [a for a in shlex.split(lines[0])[2:] if a != "--bf16"]  # CPU
+        train_argv[train_argv.index("--model_name_or_path") + 1] = "mtlora:stories260k"
+        _, _, adapter, _ = parse_train_args(train_argv)
+        assert adapter.method == "mmoelora" and adapter.mmoelora_general_task is faithful

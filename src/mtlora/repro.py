@@ -20,7 +20,8 @@ Group sizes are given for d=4096 (5120 for 13B) and scaled to the model's hidden
 
 Runs are resumable: a configuration whose ``result.json`` exists with the same config hash is skipped. Each
 result records its config hash. ``--paper_faithful`` switches to the released code's behaviour where it differs
-(paper-mode spectral regularizer, balance loss over padding, pure-bf16 component adapters).
+(paper-mode spectral regularizer, balance loss over padding, pure-bf16 component adapters, MMoELoRA's extra
+"general" task embedding row).
 """
 
 from __future__ import annotations
@@ -175,6 +176,8 @@ def build_commands(
             train += ["--spectral_reg_mode", "paper"]
         if "--enable_block_adapter" not in row.flags:
             train += ["--adapter_dtype", "bfloat16"]
+        if "mmoelora" in row.flags:  # the released task embedding: task_num + 1 rows, "general" id task_num
+            train += ["--mmoelora_general_task"]
     per_device = 16
     if args.smoke:
         train += [
