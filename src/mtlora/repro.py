@@ -157,6 +157,7 @@ def build_commands(
         "--lora_rank", "16", "--lora_alpha", "64", "--lora_nums", "16", "--lora_dropout", "0.05",
         "--learning_rate", "2e-4", "--max_seq_length", "512",
         "--seed", "42", "--save_strategy", "no", "--logging_steps", "10",
+        "--overwrite_output_dir",  # an unfinished configuration is trained again from scratch in its folder
     ]  # fmt: skip
     if row.spectral:
         train += [
