@@ -310,3 +310,23 @@ def test_the_released_deepspeed_config_name_exists() -> None:
     assert ours == json.loads((REPO / "configs" / "ds_zero2_offload.json").read_text())
     assert ours["zero_optimization"]["stage"] == 2
     assert ours["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_adaptformer_through_train_py_released_init_does_not_train(data_dir: Path, tmp_path: Path) -> None:
+    block = [
+        "--method",
+        "mtlora",
+        "--lora_nums",
+        "2",
+        "--enable_block_adapter",
+        "--block_adapter_style",
+        "adaptformer",
+    ]
+    with pytest.warns(UserWarning, match="will not train"):
+        assert train_main(_argv(data_dir, tmp_path / "dead", *block, "--adaptformer_init_scale", "0")) == 0
+    assert train_main(_argv(data_dir, tmp_path / "live", *block)) == 0
+    for run, trained in (("dead", False), ("live", True)):
+        w = load_file(str(tmp_path / run / "sft_lora_model" / "adapter_model.safetensors"))
+        b = [v for k, v in w.items() if k.endswith("lora_B")]
+        assert b and any(k.endswith("expert_scales") for k in w)
+        assert any(torch.count_nonzero(t) for t in b) is trained, run

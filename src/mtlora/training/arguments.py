@@ -172,7 +172,7 @@ def build_parser(prog: str = "mtlora train", *, with_config: bool = True) -> HfA
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, MtLoraConfig, MtLoraTrainingArguments),
         prog=prog,
-        description="Fine-tune a causal LM with lora / hydralora / mmoelora / mtlora adapters.",
+        description="Fine-tune a causal LM with lora / hydralora / mmoelora / mtlora / adalora adapters.",
     )
     for action in parser._actions:
         if any(opt.lstrip("-").replace("-", "_") in _HIDDEN_FLAGS for opt in action.option_strings):

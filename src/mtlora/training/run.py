@@ -26,6 +26,7 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +332,13 @@ def train(
         peft_model = pm
     else:
         peft_model = get_mtlora_model(model, adapter)
+        if adapter.enable_block_adapter and adapter.block_adapter_style == "adaptformer":
+            if adapter.adaptformer_init_scale == 0:
+                warnings.warn(
+                    "--adaptformer_init_scale 0 (the released default): with B = 0 every gradient of the "
+                    "adapter is exactly zero, so it will not train (mtlora's default is 0.1)",
+                    stacklevel=2,
+                )
     if adapter.method != "adalora":
         adapter_record = peft_model.mtlora_config.to_dict()
 
