@@ -255,3 +255,42 @@ def test_repro_paper_faithful_builds_the_released_mmoelora_embedding(tmp_path, c
         train_argv[train_argv.index("--model_name_or_path") + 1] = "mtlora:stories260k"
         _, _, adapter, _ = parse_train_args(train_argv)
         assert adapter.method == "mmoelora" and adapter.mmoelora_general_task is faithful
+
+
+def test_adaptformer_static_export_matches_the_model(tmp_path) -> None:
+    """A static-routing export of an adaptformer block adapter folds s_e into B_t and keeps the ReLU."""
+    from mtlora.export import export_block_adapter, load_block_export, static_routing
+
+    cfg = MtLoraConfig(
+        method="mtlora",
+        lora_nums=3,
+        lora_rank=4,
+        enable_block_adapter=True,
+        block_adapter_type="both",
+        block_adapter_style="adaptformer",
+        enable_fine_grained_routing=True,
+        routing_group_size=32,
+    )
+    model = get_mtlora_model(tiny_model(), cfg).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for a in model.adapters():
+            a.lora_B.normal_(std=0.3)
+            a.expert_scales.uniform_(0.5, 2.0)
+    routing = {
+        n: torch.softmax(torch.randn(a.num_groups, a.num_experts), -1) for n, a in model.named_adapters()
+    }
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        with static_routing(model, routing, collapse=False):
+            fused = model(input_ids=ids).logits
+        with static_routing(model, routing, collapse=True):
+            collapsed = model(input_ids=ids).logits
+    torch.testing.assert_close(collapsed, fused, atol=1e-5, rtol=1e-5)
+    export_block_adapter(model, routing, tmp_path)
+    plain = tiny_model()
+    handles = load_block_export(plain, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, collapsed, atol=1e-5, rtol=1e-5)
+    for h in handles:
+        h.remove()
