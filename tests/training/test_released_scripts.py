@@ -33,6 +33,7 @@ import csv
 import json
 import math
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,76 @@ def test_released_eval_command_runs(
         assert result["adaptive_max_length"] is True
         assert result["data_dir"].startswith("bundled (fallback:")
         assert "released mmlu_dataset skeleton" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_tsv
+def test_interface_contract_python_train_py_with_the_released_arguments(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """``python train.py <released arguments>`` in a folder laid out like the released repository, where
+    ``./data/llama-2-7b`` is the bundled model (the released repository symlinks it there too) and
+    ``./data/dolly-15k-converted`` the bundled sample: ``exp/mmlu/component/0_baseline.sh`` runs as written
+    apart from ``--bf16`` (CPU) and ``--max_steps 2``, then its ``eval_mmlu.py`` line with ``--limit 1`` on one
+    subject (``$OUTPUT_DIR`` is the script's own variable)."""
+    import os
+    import subprocess
+    import sys
+
+    from mtlora.hub import resolve_model_path
+
+    script = "exp/mmlu/component/0_baseline.sh"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "llama-2-7b").symlink_to(resolve_model_path(TINY))
+    shutil.copytree(data_root / "dolly-15k-converted", data / "dolly-15k-converted")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    argv = [a for a in dict(TRAIN_ROWS)[script] if a != "--bf16"] + ["--max_steps", "2"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *argv], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    output_dir = argv[argv.index("--output_dir") + 1]
+    assert (tmp_path / output_dir / "sft_lora_model" / "adapter_model.safetensors").is_file()
+    (eval_argv,) = [a for s, a in EVAL_ROWS["eval_mmlu.py"] if s == script]
+    eval_argv = [a.replace("$OUTPUT_DIR", output_dir) for a in eval_argv]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "eval_mmlu.py"),
+            *eval_argv,
+            "--subjects",
+            "abstract_algebra",
+            "--limit",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    # ./data/mmlu_dataset does not exist here: the released code then downloaded cais/mmlu; offline, one line
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
+        "error: mmlu data directory"
+    )
+    skeleton = data / "mmlu_dataset" / "abstract_algebra"
+    (skeleton / "test").mkdir(parents=True)
+    (skeleton / "dataset_dict.json").write_text(json.dumps({"splits": ["test", "validation", "dev"]}))
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "eval_mmlu.py"),
+            *eval_argv,
+            "--subjects",
+            "abstract_algebra",
+            "--limit",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result_dir = tmp_path / eval_argv[eval_argv.index("--output_dir") + 1]
+    assert json.loads((result_dir / "mmlu_results.json").read_text())["total_questions"] == 1

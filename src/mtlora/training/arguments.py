@@ -81,7 +81,7 @@ class DataArguments:
     )
     train_file: str | None = _help("One training file (instead of --dataset_dir).", default=None)
     validation_file: str | None = _help(
-        "Evaluation file (used with --do_eval / --eval_strategy).", default=None
+        "Evaluation file, read only with --do_eval / --eval_strategy (as released).", default=None
     )
     max_seq_length: int = _help("Truncate examples to this many tokens (from the right).", default=512)
     template: str = _help(

@@ -172,17 +172,26 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
 
 
 def load_training_data(
-    data_args: DataArguments, tokenizer: Any, cache_root: Path, task_map: dict[str, int] | None = None
+    data_args: DataArguments,
+    tokenizer: Any,
+    cache_root: Path,
+    task_map: dict[str, int] | None = None,
+    evaluate: bool = True,
 ):
-    """(train dataset, eval dataset or None, task map, data files) - every record validated up front."""
+    """(train dataset, eval dataset or None, task map, data files) - every record validated up front.
+
+    Evaluation data (``--validation_file`` or ``--validation_split_percentage``) is read only when
+    ``evaluate`` (``--do_eval`` / ``--eval_strategy``): the released scripts pass a ``--validation_file`` that
+    their ``train.py`` never opened without ``--do_eval``.
+    """
     from mtlora.data import build_task_map, cached_tokenize, load_records
 
     sources = [data_args.train_file] if data_args.train_file else [data_args.dataset_dir]
     records = load_records(sources[0])
     if data_args.max_train_samples:
         records = records[: data_args.max_train_samples]
-    eval_records = load_records(data_args.validation_file) if data_args.validation_file else None
-    if data_args.validation_split_percentage and eval_records is None:
+    eval_records = load_records(data_args.validation_file) if evaluate and data_args.validation_file else None
+    if evaluate and data_args.validation_split_percentage and eval_records is None:
         records, eval_records = split_validation(records, data_args.validation_split_percentage)
     if task_map is None:
         task_map = build_task_map(records + (eval_records or []))
@@ -200,7 +209,7 @@ def load_training_data(
             eval_records, tokenizer, data_args.max_seq_length, data_args.template, task_map, **tok_kwargs
         )
     files = [Path(sources[0])] if Path(sources[0]).is_file() else sorted(Path(sources[0]).glob("*.json*"))
-    if data_args.validation_file:
+    if evaluate and data_args.validation_file:
         files.append(Path(data_args.validation_file))
     return train, evald, task_map, files
 
@@ -309,7 +318,11 @@ def train(
     if model_args.peft_path and Path(model_args.peft_path, "task_map.json").is_file():
         task_map = load_task_map(Path(model_args.peft_path, "task_map.json"))
     cache_root = Path(data_args.data_cache_dir) if data_args.data_cache_dir else out / "tokenized_cache"
-    train_ds, eval_ds, task_map, data_files = load_training_data(data_args, tokenizer, cache_root, task_map)
+    strategy = getattr(train_args.eval_strategy, "value", train_args.eval_strategy)
+    evaluate = bool(train_args.do_eval) or strategy != "no"
+    train_ds, eval_ds, task_map, data_files = load_training_data(
+        data_args, tokenizer, cache_root, task_map, evaluate=evaluate
+    )
     if adapter.method == "mmoelora" and adapter.task_num is None:
         adapter.task_num = len(task_map)
     if adapter.method == "mmoelora" and adapter.task_num < len(task_map):
