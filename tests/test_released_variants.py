@@ -294,3 +294,20 @@ def test_adaptformer_static_export_matches_the_model(tmp_path) -> None:
         torch.testing.assert_close(plain(input_ids=ids).logits, collapsed, atol=1e-5, rtol=1e-5)
     for h in handles:
         h.remove()
+
+
+def test_exports_refuse_to_drop_modules_to_save(tmp_path) -> None:
+    from mtlora.export import export_peft_lora
+
+    model = get_mtlora_model(
+        tiny_model(), MtLoraConfig(method="lora", lora_rank=4, modules_to_save=["lm_head"])
+    )
+    with pytest.raises(
+        MtLoraError, match=r"modules_to_save=\['lm_head'\]; a peft LoRA export would drop them"
+    ):
+        export_peft_lora(model, {}, tmp_path / "peft")
+    with torch.no_grad():
+        model.base_model.lm_head.weight.add_(1.0)
+    trained = model.base_model.lm_head.weight.detach().clone()
+    merged = model.merge_and_unload()  # the merged checkpoint keeps the trained module (as peft's does)
+    assert torch.equal(merged.lm_head.weight, trained)

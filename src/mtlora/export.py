@@ -467,6 +467,15 @@ def _component_adapters(model: MtLoraModel) -> list[tuple[str, nn.Module, MultiE
     return hosts  # type: ignore[return-value]
 
 
+def _refuse_saved_modules(model: MtLoraModel, what: str) -> None:
+    """``modules_to_save`` weights have no place in these formats: refuse instead of dropping them."""
+    if model.saved_modules:
+        raise MtLoraError(
+            f"the adapter also trains modules_to_save={model.saved_modules.names}; {what} would drop them "
+            "(export a merged checkpoint with --merged instead)"
+        )
+
+
 def export_peft_lora(
     model: MtLoraModel,
     routing: Mapping[str, torch.Tensor],
@@ -479,6 +488,7 @@ def export_peft_lora(
     ``lora_A = A``, ``lora_B = Σ_e diag(π̄_e) B_e``, ``r = rank`` and ``lora_alpha = scaling · rank`` so that
     peft's ``lora_alpha / r`` is mtlora's scaling.
     """
+    _refuse_saved_modules(model, "a peft LoRA export")
     hosts = _component_adapters(model)
     scalings = {float(a.scaling) for _, _, a in hosts}
     if len(scalings) != 1:
@@ -551,6 +561,7 @@ def export_block_adapter(
 
     The folder is self-contained: ``load_block_export.py`` inside it needs only torch and safetensors.
     """
+    _refuse_saved_modules(model, "a block-adapter export")
     from safetensors.torch import save_file
 
     from mtlora.placement import iter_hosts
