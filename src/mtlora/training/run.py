@@ -31,11 +31,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from mtlora.config import MtLoraConfig
 from mtlora.errors import ConfigError
 from mtlora.hub import DTYPES, torch_dtype
 from mtlora.training.arguments import DataArguments, ModelArguments, MtLoraTrainingArguments
+
+
+class LoggingDirLogCallback(TrainerCallback):
+    """The ``train_log.jsonl`` records again, in ``--logging_dir`` (its own class: the Trainer warns about two
+    callbacks of one class)."""
+
+    def __init__(self, path: Path) -> None:
+        from mtlora.training.trainer import JsonlLogCallback
+
+        self.inner = JsonlLogCallback(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[override]
+        return self.inner.on_log(args, state, control, logs=logs, **kwargs)
 
 
 def route_tensorboard(trainer: Any, train_args: MtLoraTrainingArguments) -> None:
@@ -372,7 +386,8 @@ def train(
         eval_dataset=eval_ds,
         data_collator=DataCollatorForInstructions.from_tokenizer(tokenizer),
         processing_class=tokenizer,
-        callbacks=[JsonlLogCallback(d / "train_log.jsonl") for d in log_dirs],
+        callbacks=[JsonlLogCallback(out / "train_log.jsonl")]
+        + [LoggingDirLogCallback(d / "train_log.jsonl") for d in log_dirs[1:]],
         **trainer_kwargs,
     )
     route_tensorboard(trainer, train_args)
