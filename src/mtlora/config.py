@@ -13,6 +13,11 @@ Method semantics
                baseline of every table. mtLoRA-only flags are rejected (use ``mtlora``).
 ``mmoelora``   task-id gated experts: the rank is split across ``expert_num`` experts and a task embedding
                gives one gate per sample (needs ``task_ids`` in the batch, also at evaluation).
+               ``mmoelora_general_task`` adds the released extra "general" task row, used without task ids.
+``mmoeloras``  the released MMoELoRA variant: accepted as a method name and stored as ``mmoelora`` with
+               ``mmoelora_general_task=True`` (its forward is the same; its default task id is the general one).
+``adalora``    peft's AdaLoRA (SVD-parameterised LoRA with rank allocation) on ``target_modules``; trained by
+               :mod:`mtlora.training.adalora` and saved as a plain peft adapter (it is not an MtLoraModel).
 ``mtlora``     HydraLoRA plus whatever of the three designs is switched on by flag, exactly like the paper's
                ``--method mtlora`` (which enables nothing by itself): ``--enable_block_adapter``,
                ``--enable_spectral_reg``, ``--enable_fine_grained_routing``.
@@ -29,9 +34,11 @@ from peft.config import PeftConfig
 
 from mtlora.errors import ConfigError
 
-METHODS = ("lora", "hydralora", "mmoelora", "mtlora")
+METHODS = ("lora", "hydralora", "mmoelora", "mtlora", "adalora")
+#: Method names accepted on the command line and stored under another name (see the module docstring).
+METHOD_ALIASES = {"mmoeloras": "mmoelora"}
 BLOCK_TYPES = ("attention", "ffn", "both")
-BLOCK_STYLES = ("lowrank", "bottleneck")
+BLOCK_STYLES = ("lowrank", "bottleneck", "adaptformer")
 SPECTRAL_MODES = ("spectral", "paper", "uniform")
 PEFT_TYPE = "MTLORA"
 CONFIG_NAME = "adapter_config.json"
@@ -50,8 +57,9 @@ class MtLoraConfig(PeftConfig):
     """Configuration of a multi-task LoRA adapter. See the module docstring for the methods."""
 
     method: str = _help(
-        "Adapter method: lora | hydralora | mmoelora | mtlora (train.py also takes lorahub: one LoRA per task, "
-        "composed per task with LoRAHub).",
+        "Adapter method: lora | hydralora | mmoelora | mtlora | mmoeloras (mmoelora with the general task id) | "
+        "adalora (peft's AdaLoRA) (train.py also takes lorahub: one LoRA per task, composed per task with "
+        "LoRAHub).",
         default="mtlora",
     )
     lora_rank: int = _help("Rank r of the shared down-projection A (and of each B_i).", default=16)
@@ -86,7 +94,9 @@ class MtLoraConfig(PeftConfig):
         "Which blocks get the parallel path: attention | ffn | both.", default="ffn"
     )
     block_adapter_style: str = _help(
-        "lowrank (paper default: B A x) or bottleneck (B ReLU(A x)).", default="lowrank"
+        "lowrank (paper default: B A x), bottleneck (B ReLU(A x)) or adaptformer (sum_e pi_e s_e B_e ReLU(A x) "
+        "with learnable per-expert scales s_e and no alpha/r: the released MoEAdaptFormerBlockAdapter).",
+        default="lowrank",
     )
     block_adapter_rank: int | None = _help("Rank of block adapters; None = lora_rank.", default=None)
     enable_spectral_reg: bool = _help(
@@ -139,6 +149,22 @@ class MtLoraConfig(PeftConfig):
         "bottleneck style B init: zeros (adapted model equals base at init) or paper (N(0, 0.02^2)).",
         default="zeros",
     )
+    adaptformer_init_scale: float = _help(
+        "adaptformer style: initial value of the per-expert scales s_e. 0.1 by default (B starts at zero, so the "
+        "adapted model equals the base at init and B still gets gradients); the released default 0.0 is a dead "
+        "saddle where every gradient is exactly zero.",
+        default=0.1,
+    )
+    mmoelora_general_task: bool = _help(
+        "mmoelora: the released task embedding with task_num + 1 rows; the extra 'general' id task_num is used "
+        "whenever no task id is given (training with task ids never updates it). Set by --method mmoeloras.",
+        default=False,
+    )
+    modules_to_save: list[str] | str | None = _help(
+        "Names of base-model modules (e.g. embed_tokens,lm_head) trained in full and saved with the adapter "
+        "(matched like target_modules). Comma-separated string or list.",
+        default=None,
+    )
     adapter_dtype: str = _help(
         "dtype of the trainable adapter parameters (kept fp32 under autocast).", default="float32"
     )
@@ -150,7 +176,11 @@ class MtLoraConfig(PeftConfig):
         super().__post_init__()
         if isinstance(self.target_modules, str):
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
-        if self.method == "lora":
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [t.strip() for t in self.modules_to_save.split(",") if t.strip()] or None
+        if self.method == "mmoeloras":  # the released variant = mmoelora + the general task id
+            self.method, self.mmoelora_general_task = "mmoelora", True
+        if self.method in ("lora", "adalora"):
             self.lora_nums = 1
         if (
             self.enable_spectral_reg
@@ -213,7 +243,7 @@ class MtLoraConfig(PeftConfig):
             bad("router_top_k", f"must be in [1, {self.num_experts}] (number of experts)")
         if self.adapter_dtype not in ("float32", "bfloat16", "float16"):
             bad("adapter_dtype", "must be float32, bfloat16 or float16")
-        if self.method in ("lora", "hydralora", "mmoelora"):
+        if self.method in ("lora", "hydralora", "mmoelora", "adalora"):
             for name in _MTLORA_ONLY:
                 if getattr(self, name):
                     bad(
@@ -232,6 +262,12 @@ class MtLoraConfig(PeftConfig):
                     "enable_blc",
                     "mmoelora has a task gate, not a token router; the balance loss does not apply",
                 )
+        if self.mmoelora_general_task and self.method != "mmoelora":
+            bad("mmoelora_general_task", f"applies to method mmoelora only, not {self.method}")
+        if self.method == "adalora":
+            for name in ("enable_blc", "router_top_k"):
+                if getattr(self, name):
+                    bad(name, "adalora has no experts or router")
         if self.enable_block_adapter and self.target_modules:
             bad(
                 "target_modules",
@@ -247,7 +283,7 @@ class MtLoraConfig(PeftConfig):
     def num_experts(self) -> int:
         if self.method == "mmoelora":
             return self.expert_num
-        return 1 if self.method == "lora" else self.lora_nums
+        return 1 if self.method in ("lora", "adalora") else self.lora_nums
 
     @property
     def router_kind(self) -> str:

@@ -126,6 +126,8 @@ def static_up_projection(adapter: MultiExpertLoRA, probs: torch.Tensor | None) -
     gate (``probs`` ``(1, E)``) expert e scales its rank slice of B's columns.
     """
     b = adapter.lora_B.detach().float()  # (d_out, E_b, r)
+    if adapter.expert_scales is not None:  # adaptformer: expert e's up-projection is s_e B_e
+        b = b * adapter.expert_scales.detach().float().to(b.device)[None, :, None]
     if adapter.router_kind == "none":
         return b[:, 0, :].clone()
     if probs is None:
@@ -175,7 +177,7 @@ def _collapsed_forward(
     if not torch.is_autocast_enabled(x.device.type):
         x2 = x2.to(adapter.lora_A.dtype)
     h = F.linear(adapter.dropout(x2), adapter.lora_A)
-    if adapter.style == "bottleneck":
+    if adapter.has_relu:
         h = F.relu(h)
     y = F.linear(h, b_static) * adapter.scaling
     y = y.reshape(*batch_shape, adapter.out_features).to(out_dtype if base is None else base.dtype)
@@ -465,6 +467,15 @@ def _component_adapters(model: MtLoraModel) -> list[tuple[str, nn.Module, MultiE
     return hosts  # type: ignore[return-value]
 
 
+def _refuse_saved_modules(model: MtLoraModel, what: str) -> None:
+    """``modules_to_save`` weights have no place in these formats: refuse instead of dropping them."""
+    if model.saved_modules:
+        raise MtLoraError(
+            f"the adapter also trains modules_to_save={model.saved_modules.names}; {what} would drop them "
+            "(export a merged checkpoint with --merged instead)"
+        )
+
+
 def export_peft_lora(
     model: MtLoraModel,
     routing: Mapping[str, torch.Tensor],
@@ -477,6 +488,7 @@ def export_peft_lora(
     ``lora_A = A``, ``lora_B = Σ_e diag(π̄_e) B_e``, ``r = rank`` and ``lora_alpha = scaling · rank`` so that
     peft's ``lora_alpha / r`` is mtlora's scaling.
     """
+    _refuse_saved_modules(model, "a peft LoRA export")
     hosts = _component_adapters(model)
     scalings = {float(a.scaling) for _, _, a in hosts}
     if len(scalings) != 1:
@@ -549,6 +561,7 @@ def export_block_adapter(
 
     The folder is self-contained: ``load_block_export.py`` inside it needs only torch and safetensors.
     """
+    _refuse_saved_modules(model, "a block-adapter export")
     from safetensors.torch import save_file
 
     from mtlora.placement import iter_hosts
@@ -589,7 +602,7 @@ def export_block_adapter(
         "base_model_name_or_path": base_model_name_or_path or model.mtlora_config.base_model_name_or_path,
         "weights": BLOCK_WEIGHTS_NAME,
         "placement": "forward hook on each named block; adds scaling * B act(A x) to the block output, "
-        "x = the block input (the pre-norm output); act = identity (lowrank) or ReLU (bottleneck)",
+        "x = the block input (the pre-norm output); act = identity (lowrank) or ReLU (bottleneck, adaptformer)",
         "modules": entries,
     }
     (out / BLOCK_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -630,7 +643,7 @@ def load_block_export(model: Any, path: Any) -> list:
         device = next(host.parameters()).device
         a = tensors[name + ".lora_A"].to(device)
         b = tensors[name + ".lora_B"].to(device)
-        scaling, relu = float(entry["scaling"]), entry["style"] == "bottleneck"
+        scaling, relu = float(entry["scaling"]), entry["style"] in ("bottleneck", "adaptformer")
 
         def hook(module, args, kwargs, output, a=a, b=b, scaling=scaling, relu=relu, name=name):
             x = (

@@ -3,8 +3,9 @@
 One module, :class:`MultiExpertLoRA`, computes the adapter's additive output Delta(x) for all methods:
 
     h     = A · drop(x)                     A: (r, d_in), computed ONCE per call
-    h     = ReLU(h)                         (bottleneck style only)
+    h     = ReLU(h)                         (bottleneck and adaptformer styles)
     y     = (alpha / r) · sum_e  pi_e (.) B_e h
+    y     = sum_e  pi_e (.) s_e B_e h       (adaptformer style: learnable per-expert scalars s_e, no alpha/r)
 
 with E up-projections B_e (d_out, r) stored as ONE parameter ``lora_B`` of shape ``(d_out, E, r)``. That
 layout makes the fused forward free of copies:
@@ -23,7 +24,9 @@ one GEMM against ``[A; W_router]``; and the placement hooks pass the host's outp
 accumulates into it (``addmm``) instead of materialising ``Delta(x)`` and then the sum.
 
 Initialisation follows the paper code: A and the router kaiming-uniform(a=sqrt 5), every B zero, so the
-adapted model equals the base model at init. Trainable parameters are kept in ``adapter_dtype`` (fp32 by
+adapted model equals the base model at init. The adaptformer style (the released ``MoEAdaptFormerBlockAdapter``)
+uses kaiming-uniform(ReLU) for A, zero B and ``expert_scales`` initialised to ``adaptformer_init_scale``; the
+scales fold into the routing weights (``pi_e s_e``), so it runs the same fused GEMMs as the other styles. Trainable parameters are kept in ``adapter_dtype`` (fp32 by
 default); activations are cast to it unless autocast is active, and the output is cast back.
 """
 
@@ -87,6 +90,8 @@ class MultiExpertLoRA(nn.Module):
         task_num: int | None = None,
         task_embedding_dim: int = 64,
         bottleneck_init: str = "zeros",
+        adaptformer_init_scale: float = 0.1,
+        general_task: bool = False,
         state: RoutingState | None = None,
         name: str = "",
         device: torch.device | str | None = None,
@@ -103,7 +108,12 @@ class MultiExpertLoRA(nn.Module):
         self.num_experts = num_experts
         self.router_kind = router
         self.num_groups = num_groups if router == "token" else 1
-        self.scaling = float(scaling)
+        if style not in ("lowrank", "bottleneck", "adaptformer"):
+            raise MtLoraError(f"unknown adapter style {style!r} (lowrank, bottleneck or adaptformer)")
+        if style == "adaptformer" and router == "task":
+            raise MtLoraError("the adaptformer style has token-routed or single experts, not a task gate")
+        # AdaptFormer has no alpha/r: its learnable expert_scales play that role (released code, spec 5.3).
+        self.scaling = 1.0 if style == "adaptformer" else float(scaling)
         self.style = style
         self.name = name
         self.state = state if state is not None else RoutingState()
@@ -123,11 +133,23 @@ class MultiExpertLoRA(nn.Module):
             if not task_num:
                 raise MtLoraError("mmoelora needs task_num (number of tasks) to build the task gate")
             self.router = TaskRouter(
-                task_num, num_experts, task_embedding_dim, top_k, device=device, dtype=dtype
+                task_num,
+                num_experts,
+                task_embedding_dim,
+                top_k,
+                general_task=general_task,
+                device=device,
+                dtype=dtype,
             )
         else:
             self.router = None
         self.bottleneck_init = bottleneck_init
+        self.adaptformer_init_scale = float(adaptformer_init_scale)
+        # One learnable scalar per expert (adaptformer style only); None for the other styles, so their
+        # state dicts and parameter counts are unchanged.
+        self.expert_scales: nn.Parameter | None = None
+        if style == "adaptformer":
+            self.expert_scales = nn.Parameter(torch.empty(num_experts, device=device, dtype=dtype))
         # Fixed (G, E) routing weights that replace the router's output when set (static-routing evaluation
         # and export, see mtlora.export.static_routing); None = route with the router.
         self.fixed_routing: torch.Tensor | None = None
@@ -139,7 +161,7 @@ class MultiExpertLoRA(nn.Module):
             return
         if self.router_kind == "task":  # MMoELoRA: A ~ N(0, 0.01^2), B = 0
             nn.init.normal_(self.lora_A, std=0.01)
-        elif self.style == "bottleneck":
+        elif self.has_relu:
             nn.init.kaiming_uniform_(self.lora_A, nonlinearity="relu")
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -147,6 +169,8 @@ class MultiExpertLoRA(nn.Module):
             nn.init.normal_(self.lora_B, std=0.02)
         else:
             nn.init.zeros_(self.lora_B)
+        if self.expert_scales is not None:
+            nn.init.constant_(self.expert_scales, self.adaptformer_init_scale)
 
     # ------------------------------------------------------------------ routing
     def routing_probs(self, x2: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
@@ -158,7 +182,7 @@ class MultiExpertLoRA(nn.Module):
             return self.router(x2)
         assert isinstance(self.router, TaskRouter)
         task_ids = self.state.task_ids
-        if task_ids is None:
+        if task_ids is None and not self.router.general_task:
             raise MtLoraError(
                 f"{self.name or 'mmoelora adapter'}: this adapter routes by task id; pass task_ids=<LongTensor (batch,)> "
                 "to the model's forward()/generate()"
@@ -239,11 +263,14 @@ class MultiExpertLoRA(nn.Module):
             h, probs = hl[:, : self.rank], self.router.probs_from_logits(hl[:, self.rank :])
         else:
             h = F.linear(self.dropout(x2), self.lora_A)  # (N, r) - A once for all experts
-        if self.style == "bottleneck":
+        if self.has_relu:
             h = F.relu(h)
-        h = h * self.scaling  # scale the (N, r) activations, not the (N, d_out) output: d_out/r times cheaper
+        if self.scaling != 1.0:
+            h = h * self.scaling  # scale the (N, r) activations, not the (N, d_out) output: d_out/r cheaper
         d_out, n_tok = self.out_features, x2.shape[0]
         z, w = h, self.lora_B.view(d_out, -1)  # y = z w^T; (d_out, r) unless token-routed (d_out, E*r)
+        if self.expert_scales is not None and self.router_kind == "none":
+            z = h * self.expert_scales.to(h.dtype)  # one expert: s_0 B_0 ReLU(A x)
         if self.router_kind == "task":
             gate = self.routing_probs(x2, batch_shape)[:, 0, :].to(h.dtype)  # (N, E)
             z = h * gate.repeat_interleave(self.rank // self.num_experts, dim=-1)
@@ -255,7 +282,10 @@ class MultiExpertLoRA(nn.Module):
             # z = pi (x) h, (N, G*E*r), as a batched outer product: unlike a broadcast multiply, its backward
             # (two small batched matmuls) never materialises (N, G, E, r) temporaries
             ge = g * self.num_experts
-            z = torch.bmm(probs.to(h.dtype).reshape(n_tok, ge, 1), h.unsqueeze(1)).view(n_tok, g * er)
+            mix = probs.to(h.dtype)
+            if self.expert_scales is not None:  # adaptformer: sum_e pi_e s_e B_e h, s_e folded into pi_e
+                mix = mix * self.expert_scales.to(h.dtype)
+            z = torch.bmm(mix.reshape(n_tok, ge, 1), h.unsqueeze(1)).view(n_tok, g * er)
             if g > 1:  # group g = dims [g*gs, (g+1)*gs): a contiguous view of B, one batched matmul
                 b = self.lora_B.view(g, d_out // g, er)
                 y = torch.bmm(z.view(n_tok, g, er).transpose(0, 1), b.transpose(1, 2)).transpose(0, 1)
@@ -268,6 +298,11 @@ class MultiExpertLoRA(nn.Module):
         return y if base is None else base + y
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def has_relu(self) -> bool:
+        """Whether a ReLU follows A (bottleneck and adaptformer styles): such an adapter is not linear in x."""
+        return self.style in ("bottleneck", "adaptformer")
+
     def expert_B(self, e: int) -> torch.Tensor:
         """Up-projection of expert ``e`` as a ``(d_out, r_e)`` view (for analysis, export, regularization)."""
         if self.router_kind == "task":

@@ -43,6 +43,7 @@ from mtlora.placement import (
     iter_hosts,
 )
 from mtlora.routing import num_groups_for
+from mtlora.saved_modules import SavedModules
 
 
 def _host_device(host: nn.Module) -> torch.device:
@@ -80,6 +81,8 @@ def _build_adapter(
         task_num=config.task_num,
         task_embedding_dim=config.task_embedding_dim,
         bottleneck_init=config.bottleneck_init,
+        adaptformer_init_scale=config.adaptformer_init_scale,
+        general_task=config.mmoelora_general_task,
         state=state,
         name=name,
         device=device,
@@ -148,6 +151,11 @@ class MtLoraModel(nn.Module):
                 f"the model already carries mtlora adapters (e.g. at {existing[0][0]}); "
                 "unload() the previous MtLoraModel first"
             )
+        if config.method == "adalora":
+            raise MtLoraError(
+                "method adalora is peft's AdaLoRA, not an mtlora adapter: train it with `mtlora train --method "
+                "adalora` (mtlora.training.adalora) and load it with peft or mtlora.hub.load_model"
+            )
         self.base_model = base_model
         self.mtlora_config = config
         self.routing_state = RoutingState(collect_balance=bool(config.enable_blc and config.blc_alpha > 0))
@@ -157,6 +165,7 @@ class MtLoraModel(nn.Module):
                 getattr(base_model, "config", None), "_name_or_path", None
             )
         self._inject()
+        self.saved_modules = SavedModules(base_model, config.modules_to_save)
         self._mark_trainable()
         self.train(base_model.training)
 
@@ -196,6 +205,7 @@ class MtLoraModel(nn.Module):
         for adapter in self.adapters():
             for p in adapter.parameters():
                 p.requires_grad_(True)
+        self.saved_modules.mark_trainable()
 
     # ------------------------------------------------------------------ introspection
     def adapters(self) -> Iterator[MultiExpertLoRA]:
@@ -210,7 +220,9 @@ class MtLoraModel(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Adapter tensors keyed by their name in the base model (``model.layers.0.mlp.mtlora.lora_A``)."""
         marker = f".{ADAPTER_ATTR}."
-        return {n: p for n, p in self.base_model.state_dict(keep_vars=True).items() if marker in f".{n}"}
+        out = {n: p for n, p in self.base_model.state_dict(keep_vars=True).items() if marker in f".{n}"}
+        out.update(self.saved_modules.state_dict())  # --modules_to_save: trained base modules
+        return out
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -296,7 +308,8 @@ class MtLoraModel(nn.Module):
         prev = self.routing_state.enabled
         self.routing_state.enabled = False
         try:
-            yield
+            with self.saved_modules.originals():
+                yield
         finally:
             self.routing_state.enabled = prev
 
@@ -314,6 +327,7 @@ class MtLoraModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter and hook and restore ``requires_grad``: returns the exact base model."""
         base = self.base_model
+        self.saved_modules.restore_originals()
         for _, host, _ in list(iter_hosts(base)):
             detach(host)
         for n, p in base.named_parameters():
@@ -333,6 +347,7 @@ class MtLoraModel(nn.Module):
         with torch.no_grad():
             for host, dw in deltas:
                 host.weight.add_(dw.to(host.weight.dtype))
+        self.saved_modules.keep_trained()  # a merged model keeps its trained modules_to_save (as peft's)
         return self.unload()
 
     # ------------------------------------------------------------------ persistence

@@ -50,6 +50,7 @@ def count_parameters(model_name_or_path: str | os.PathLike[str], config: MtLoraC
     base_count = sum(p.numel() for p in base.parameters())
     model = MtLoraModel(base, config)
     trainable = sum(p.numel() for a in model.adapters() for p in a.parameters())
+    trainable += sum(p.numel() for p in model.saved_modules.params.values())  # --modules_to_save
     return trainable, base_count + trainable
 
 

@@ -20,7 +20,8 @@ Group sizes are given for d=4096 (5120 for 13B) and scaled to the model's hidden
 
 Runs are resumable: a configuration whose ``result.json`` exists with the same config hash is skipped. Each
 result records its config hash. ``--paper_faithful`` switches to the released code's behaviour where it differs
-(paper-mode spectral regularizer, balance loss over padding, pure-bf16 component adapters).
+(paper-mode spectral regularizer, balance loss over padding, pure-bf16 component adapters, MMoELoRA's extra
+"general" task embedding row).
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ def build_commands(
         "--lora_rank", "16", "--lora_alpha", "64", "--lora_nums", "16", "--lora_dropout", "0.05",
         "--learning_rate", "2e-4", "--max_seq_length", "512",
         "--seed", "42", "--save_strategy", "no", "--logging_steps", "10",
+        "--overwrite_output_dir",  # an unfinished configuration is trained again from scratch in its folder
     ]  # fmt: skip
     if row.spectral:
         train += [
@@ -175,6 +177,8 @@ def build_commands(
             train += ["--spectral_reg_mode", "paper"]
         if "--enable_block_adapter" not in row.flags:
             train += ["--adapter_dtype", "bfloat16"]
+        if "mmoelora" in row.flags:  # the released task embedding: task_num + 1 rows, "general" id task_num
+            train += ["--mmoelora_general_task"]
     per_device = 16
     if args.smoke:
         train += [

@@ -8,7 +8,8 @@ because tiny logit differences decide the routing and bf16 has 8 mantissa bits.
   The logits are laid out **group-major**: logit ``j = g*E + e``, i.e. ``view(..., G, E)``, and the softmax
   runs over experts inside each group. Group g covers output dimensions ``[g*gs, (g+1)*gs)``.
 * :class:`TaskRouter` - MMoELoRA's task gate: ``Embedding(task_num, dim) -> Linear(dim -> E) -> softmax``,
-  one gate per sample, broadcast over that sample's tokens.
+  one gate per sample, broadcast over that sample's tokens. With ``general_task`` (the released MMoELoRA) the
+  embedding has ``task_num + 1`` rows; the extra "general" id ``task_num`` is used when no task id arrives.
 * ``top_k`` keeps the k largest logits per (token, group) and renormalises over them (others get 0).
 """
 
@@ -78,7 +79,12 @@ class TokenRouter(nn.Module):
 
 
 class TaskRouter(nn.Module):
-    """MMoELoRA task gate: one softmax over experts per sample, from a learned task embedding."""
+    """MMoELoRA task gate: one softmax over experts per sample, from a learned task embedding.
+
+    ``general_task=True`` reproduces the released module: ``task_num + 1`` embedding rows, and a call without
+    task ids routes every sample through the extra "general" row ``task_num`` (which training with task ids
+    never updates). ``False`` (mtlora's default) has ``task_num`` rows and requires task ids.
+    """
 
     def __init__(
         self,
@@ -87,6 +93,7 @@ class TaskRouter(nn.Module):
         embedding_dim: int = 64,
         top_k: int | None = None,
         *,
+        general_task: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -94,15 +101,27 @@ class TaskRouter(nn.Module):
         self.task_num = task_num
         self.num_experts = num_experts
         self.top_k = top_k
-        self.embedding = nn.Embedding(task_num, embedding_dim, device=device, dtype=dtype)
+        self.general_task = general_task
+        rows = task_num + 1 if general_task else task_num
+        self.embedding = nn.Embedding(rows, embedding_dim, device=device, dtype=dtype)
         self.gate = nn.Linear(embedding_dim, num_experts, bias=False, device=device, dtype=dtype)
 
-    def forward(self, task_ids: torch.Tensor, batch_size: int, tokens_per_sample: int) -> torch.Tensor:
+    @property
+    def general_id(self) -> int | None:
+        """The "general" task id (``task_num``) of a ``general_task`` router, else None."""
+        return self.task_num if self.general_task else None
+
+    def forward(self, task_ids: torch.Tensor | None, batch_size: int, tokens_per_sample: int) -> torch.Tensor:
         """Gate probabilities ``(batch_size * tokens_per_sample, 1, E)`` for the flattened tokens.
 
         ``task_ids`` has one id per sample; if the activations carry ``k`` times as many samples (beam
         search, ``num_return_sequences``) each id is repeated ``k`` times, matching ``generate``'s expansion.
+        ``None`` (only with ``general_task``) routes every sample through the general id.
         """
+        if task_ids is None:
+            if not self.general_task:
+                raise MtLoraError("this task gate needs task_ids (it has no general task id)")
+            task_ids = torch.full((batch_size,), self.task_num, dtype=torch.long)
         task_ids = task_ids.reshape(-1).to(self.embedding.weight.device)
         if task_ids.numel() != batch_size:
             if task_ids.numel() == 0 or batch_size % task_ids.numel() != 0:
@@ -110,10 +129,12 @@ class TaskRouter(nn.Module):
                     f"task_ids has {task_ids.numel()} entries but the batch has {batch_size} samples"
                 )
             task_ids = task_ids.repeat_interleave(batch_size // task_ids.numel())
-        if int(task_ids.min()) < 0 or int(task_ids.max()) >= self.task_num:
+        rows = self.embedding.num_embeddings
+        if int(task_ids.min()) < 0 or int(task_ids.max()) >= rows:
             raise MtLoraError(
                 f"task id out of range: got {task_ids.min().item()}..{task_ids.max().item()}, "
                 f"the adapter was built with task_num={self.task_num}"
+                + (f" (ids 0..{self.task_num}, {self.task_num} = general)" if self.general_task else "")
             )
         with torch.autocast(device_type=task_ids.device.type, enabled=False):
             logits = F.linear(self.embedding(task_ids).float(), self.gate.weight.float())

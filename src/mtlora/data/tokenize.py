@@ -256,6 +256,29 @@ def _task_ids(records: Sequence[Mapping[str, Any]], task_map: Mapping[str, int])
     return ids
 
 
+def _encode_paper(
+    records: Sequence[Mapping[str, Any]], tokenizer: Any, add_bos: bool | None, num_proc: int | None
+) -> list[tuple[list[int], list[int]]]:
+    """Paper-template encoding in batches; ``num_proc`` > 1 spreads the batches over that many processes.
+
+    Worker processes are spawned (not forked: the parent has torch and tokenizer threads running), each
+    gets the tokenizer by pickling; the result is identical to the sequential one, batch order preserved.
+    """
+    procs = min(int(num_proc or 1), len(records))
+    size = min(_BATCH, -(-len(records) // max(procs, 1)))
+    chunks = [records[start : start + size] for start in range(0, len(records), size)]
+    if procs <= 1 or len(chunks) <= 1:
+        return [pair for chunk in chunks for pair in _encode_paper_batch(chunk, tokenizer, add_bos)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from itertools import repeat
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=procs, mp_context=ctx) as pool:
+        parts = pool.map(_encode_paper_batch, [list(c) for c in chunks], repeat(tokenizer), repeat(add_bos))
+        return [pair for part in parts for pair in part]
+
+
 def _tokenize(
     records: Sequence[Mapping[str, Any]],
     tokenizer: Any,
@@ -263,6 +286,7 @@ def _tokenize(
     template: str,
     task_map: Mapping[str, int] | None,
     add_bos: bool | None,
+    num_proc: int | None = None,
 ) -> tuple[datasets.Dataset, TokenizeStats]:
     import datasets
 
@@ -276,8 +300,7 @@ def _tokenize(
 
     pairs: list[tuple[list[int], list[int]]] = []
     if template == "paper":
-        for start in range(0, len(records), _BATCH):
-            pairs.extend(_encode_paper_batch(records[start : start + _BATCH], tokenizer, add_bos))
+        pairs = _encode_paper(records, tokenizer, add_bos, num_proc)
     else:
         _require_chat_template(tokenizer)
         pairs = [_encode_chat(r, tokenizer, f"record {i}") for i, r in enumerate(records)]
@@ -326,6 +349,7 @@ def tokenize_records(
     task_map: Mapping[str, int] | None = ...,
     *,
     add_bos: bool | None = ...,
+    num_proc: int | None = ...,
     return_stats: Literal[False] = ...,
 ) -> datasets.Dataset: ...
 @overload
@@ -337,6 +361,7 @@ def tokenize_records(
     task_map: Mapping[str, int] | None = ...,
     *,
     add_bos: bool | None = ...,
+    num_proc: int | None = ...,
     return_stats: Literal[True],
 ) -> tuple[datasets.Dataset, TokenizeStats]: ...
 def tokenize_records(
@@ -347,6 +372,7 @@ def tokenize_records(
     task_map: Mapping[str, int] | None = None,
     *,
     add_bos: bool | None = None,
+    num_proc: int | None = None,
     return_stats: bool = False,
 ) -> datasets.Dataset | tuple[datasets.Dataset, TokenizeStats]:
     """Tokenise records into a ``datasets.Dataset`` with columns ``input_ids``, ``labels``, ``task_ids``.
@@ -361,13 +387,15 @@ def tokenize_records(
         add_bos: paper template only. ``None`` (default) = ensure one leading BOS whenever the tokenizer
             has a ``bos_token_id``, whatever its ``add_bos_token`` setting; ``True`` = require it;
             ``False`` = never start with BOS.
+        num_proc: paper template only: tokenise in this many processes (the paper's
+            ``--preprocessing_num_workers``); the result does not depend on it.
         return_stats: also return the :class:`TokenizeStats` (they are logged either way).
 
     Raises:
         DataError: unknown template, a ``task_type`` missing from ``task_map``, no chat template, or every
             example dropped by truncation.
     """
-    dataset, stats = _tokenize(records, tokenizer, max_seq_length, template, task_map, add_bos)
+    dataset, stats = _tokenize(records, tokenizer, max_seq_length, template, task_map, add_bos, num_proc)
     _log_stats(stats)
     return (dataset, stats) if return_stats else dataset
 
@@ -459,6 +487,8 @@ def cached_tokenize(
     *,
     cache_dir: str | os.PathLike[str],
     add_bos: bool | None = ...,
+    overwrite: bool = ...,
+    num_proc: int | None = ...,
     return_stats: Literal[False] = ...,
 ) -> datasets.Dataset: ...
 @overload
@@ -471,6 +501,8 @@ def cached_tokenize(
     *,
     cache_dir: str | os.PathLike[str],
     add_bos: bool | None = ...,
+    overwrite: bool = ...,
+    num_proc: int | None = ...,
     return_stats: Literal[True],
 ) -> tuple[datasets.Dataset, TokenizeStats]: ...
 def cached_tokenize(
@@ -482,9 +514,14 @@ def cached_tokenize(
     *,
     cache_dir: str | os.PathLike[str],
     add_bos: bool | None = None,
+    overwrite: bool = False,
+    num_proc: int | None = None,
     return_stats: bool = False,
 ) -> datasets.Dataset | tuple[datasets.Dataset, TokenizeStats]:
     """:func:`tokenize_records`, memoised on disk under ``cache_dir/<template>-msl<N>-<key16>/``.
+
+    ``overwrite`` (the paper's ``--overwrite_cache``) tokenises again and replaces the entry even when it
+    exists; ``num_proc`` is passed to :func:`tokenize_records` and is not part of the key.
 
     The key (:func:`cache_key`) covers the data content, the tokenizer, the template, ``max_seq_length``
     and the task map, so a changed input can never pick up a stale cache. The dataset is written with
@@ -501,7 +538,7 @@ def cached_tokenize(
     final = root / f"{template}-msl{int(max_seq_length)}-{key[:16]}"
     meta_path = final / _CACHE_META
 
-    if meta_path.is_file():
+    if meta_path.is_file() and not overwrite:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
@@ -513,7 +550,7 @@ def cached_tokenize(
             _log_stats(stats)
             return (dataset, stats) if return_stats else dataset
 
-    dataset, stats = _tokenize(records, tokenizer, max_seq_length, template, task_map, add_bos)
+    dataset, stats = _tokenize(records, tokenizer, max_seq_length, template, task_map, add_bos, num_proc)
     _log_stats(stats)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))

@@ -5,8 +5,11 @@ Everything a user can get wrong (task names, data location, few-shot count, adap
 :class:`MtLoraError`; ``mtlora.cli.run_main`` prints it and exits 2).
 
 The paper's flag names (``--model_name_or_path``, ``--lora_checkpoint``, ``--output_dir``,
-``--num_few_shot``, ``--mmlu_data_dir``/``--bbh_data_dir``, ``--batch_size``) are accepted as is, so the
-released experiment scripts run unchanged.
+``--num_few_shot``, ``--mmlu_data_dir``/``--bbh_data_dir``, ``--batch_size``, ``--logging_dir``,
+``--num_gpus``, ``--auto_batch``, ``--fallback_batch_size``, ``--adaptive_max_length``) are accepted as is,
+so the released experiment scripts run unchanged. ``--mmlu_data_dir ./data/mmlu_dataset`` as shipped (the
+``save_to_disk`` skeleton whose ``.arrow`` files were never committed) falls back to the bundled copy of the
+same 14,042 questions, with a note; the released code failed on every subject there.
 """
 
 from __future__ import annotations
@@ -103,7 +106,41 @@ def build_parser(benchmark: str, prog: str | None = None) -> argparse.ArgumentPa
     p.add_argument("--logging_dir", default=None, help="also copy the result files here (paper flag)")
     # Paper flag, accepted so the released scripts run; evaluation uses one device.
     p.add_argument("--num_gpus", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--auto_batch",
+        action="store_true",
+        help="on out-of-memory retry the task/subject with half the batch, down to --fallback_batch_size (paper flag)",
+    )
+    p.add_argument(
+        "--fallback_batch_size",
+        type=int,
+        default=1,
+        help="smallest batch --auto_batch goes down to (default 1)",
+    )
+    if benchmark == "mmlu":
+        p.add_argument(
+            "--adaptive_max_length",
+            action="store_true",
+            help="context window from the shot count as released (768 + 256 per exemplar: 2048 at 5-shot), "
+            "at most the model's; --max_length wins",
+        )
     return p
+
+
+#: ``--adaptive_max_length``: the released eval_mmlu.py's window per shot count (2048 otherwise).
+ADAPTIVE_MAX_LENGTH = {0: 768, 1: 1024, 2: 1280, 3: 1536, 4: 1792, 5: 2048}
+
+
+def released_mmlu_skeleton(root: Path, names: list[str]) -> bool:
+    """Whether every selected subject folder under ``root`` is a ``save_to_disk`` skeleton without data.
+
+    That is the released ``data/mmlu_dataset`` as shipped: ``dataset_dict.json`` and per-split metadata whose
+    ``.arrow`` files were gitignored and never committed (spec section 8.3).
+    """
+    folders = [root / n for n in names]
+    return bool(folders) and all(
+        (f / "dataset_dict.json").is_file() and not any(f.rglob("*.arrow")) for f in folders
+    )
 
 
 def _positive(name: str, value: int | None, allow_zero: bool = False) -> None:
@@ -126,6 +163,7 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
     _positive("limit", args.limit)
     _positive("max_length", args.max_length)
     _positive("threads", args.threads)
+    _positive("fallback_batch_size", args.fallback_batch_size)
     if benchmark == "bbh":
         _positive("max_new_tokens", args.max_new_tokens)
         if args.cot and args.protocol == "paper":
@@ -133,6 +171,17 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
     known = D.MMLU_SUBJECTS if benchmark == "mmlu" else D.BBH_TASKS
     names = D.select_names(args.names, known, "subject" if benchmark == "mmlu" else "task")
     root = D.resolve_data_dir(benchmark, args.data_dir)
+    data_label = str(root) if args.data_dir else "bundled"
+    if benchmark == "mmlu" and isinstance(root, Path) and released_mmlu_skeleton(root, names):
+        print(
+            f"note: {root} is the released mmlu_dataset skeleton without its .arrow data files; using the "
+            "bundled MMLU (the same 57 subjects, 14,042 test questions)",
+            file=sys.stderr,
+        )
+        root, data_label = (
+            D.resolve_data_dir(benchmark, None),
+            f"bundled (fallback: {root} has no .arrow files)",
+        )
     if args.lora_checkpoint:
         from mtlora.evaluation.loading import read_adapter_config
 
@@ -157,7 +206,7 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from mtlora.evaluation.engine import Engine
+    from mtlora.evaluation.autobatch import RetryingEngine
     from mtlora.evaluation.loading import load_model_for_eval, model_max_length
     from mtlora.evaluation.report import markdown_table, run_metadata, write_json
 
@@ -166,11 +215,16 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
     )
     load_seconds = time.perf_counter() - t0
     max_length = args.max_length or model_max_length(loaded)
-    engine = Engine(
+    adaptive = getattr(args, "adaptive_max_length", False)
+    if adaptive and not args.max_length:
+        max_length = min(max_length, ADAPTIVE_MAX_LENGTH.get(args.num_few_shot, 2048))
+    engine = RetryingEngine(
         loaded,
         batch_size=args.batch_size,
         prefix_cache=not args.no_prefix_cache,
         progress=not args.no_progress,
+        auto_batch=args.auto_batch,
+        fallback_batch_size=args.fallback_batch_size,
     )
     settings = {
         "num_few_shot": args.num_few_shot,
@@ -178,8 +232,12 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
         "batch_size": args.batch_size,
         "limit": args.limit,
         "prefix_cache": not args.no_prefix_cache,
-        "data_dir": str(root) if args.data_dir else "bundled",
+        "data_dir": data_label,
+        "auto_batch": args.auto_batch,
+        "fallback_batch_size": args.fallback_batch_size,
     }
+    if benchmark == "mmlu":
+        settings["adaptive_max_length"] = adaptive
     if benchmark == "mmlu":
         from mtlora.evaluation.mmlu import evaluate_mmlu
 
@@ -257,8 +315,10 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
         )
     if loaded.task_id_fallbacks:
         print(
-            f"note: {', '.join(loaded.task_id_fallbacks)} not in the adapter's task_map.json; used task id 0 "
-            "(what the paper's eval scripts pass); --task_id overrides",
+            f"note: {', '.join(loaded.task_id_fallbacks)} not in the adapter's task_map.json; used task id "
+            f"{loaded.fallback_task_id} ("
+            + ("the general task id" if loaded.fallback_task_id else "what the paper's eval scripts pass")
+            + "); --task_id overrides",
             file=sys.stderr,
         )
     print(f"\nresults: {json_path}  ({timing['total_seconds']:.1f} s)")

@@ -34,12 +34,15 @@ class LoadedModel:
     forced_task_id: int | None = None
     task_ids_used: dict[str, int] = field(default_factory=dict)
     task_id_fallbacks: list[str] = field(default_factory=list)
+    #: id used for tasks missing from the task map: 0 (what the paper's eval scripts pass), or the "general"
+    #: id ``task_num`` of an adapter built with ``mmoelora_general_task`` (the released MMoELoRA's default)
+    fallback_task_id: int = 0
 
     def task_id_for(self, name: str) -> int | None:
         """Task id for an MMoELoRA adapter (None for every other method, which routes without one).
 
         ``--task_id`` wins; else the eval task/subject is looked up in the adapter's ``task_map.json``; else
-        0, which is what the paper's eval scripts pass for every prompt (recorded in ``task_id_fallbacks``).
+        :attr:`fallback_task_id` (recorded in ``task_id_fallbacks``).
         """
         if not self.needs_task_ids:
             return None
@@ -48,7 +51,7 @@ class LoadedModel:
         elif name in self.task_map:
             tid = self.task_map[name]
         else:
-            tid = 0
+            tid = self.fallback_task_id
             self.task_id_fallbacks.append(name)
         self.task_ids_used[name] = tid
         return tid
@@ -74,6 +77,8 @@ def load_model_for_eval(
     from mtlora.hub import load_model
 
     loaded = load_model(model_name_or_path, lora_checkpoint, device=device, dtype=dtype)
+    cfg = loaded.adapter_config or {}
+    general = loaded.method == "mmoelora" and bool(cfg.get("mmoelora_general_task"))
     return LoadedModel(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
@@ -85,6 +90,7 @@ def load_model_for_eval(
         task_map=loaded.task_map,
         needs_task_ids=loaded.method == "mmoelora",
         forced_task_id=task_id,
+        fallback_task_id=int(cfg["task_num"]) if general else 0,
     )
 
 

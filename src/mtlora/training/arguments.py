@@ -5,6 +5,12 @@ default): :class:`ModelArguments`, :class:`DataArguments`, :class:`~mtlora.confi
 flags) and :class:`MtLoraTrainingArguments` (every Hugging Face ``TrainingArguments`` flag, with the paper
 scripts' defaults: lr 2e-4, max_seq_length 512, seed 42, no reporting unless ``--report_to`` asks for it).
 A YAML/JSON file can hold any of them: ``train.py --config run.yaml [--flag value ...]`` (flags win).
+
+Every flag of the released ``train.py`` (and every inherited Hugging Face flag its experiment scripts pass,
+including the transformers-4.x ``--logging_dir`` and ``--overwrite_output_dir`` that transformers 5 removed)
+is accepted with the released meaning, or refused with one line saying why; docs/paper_differences.md has
+the table. ``--released_defaults`` switches the defaults to the released ``train.py``'s
+(:data:`RELEASED_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -47,6 +53,22 @@ class ModelArguments:
     )
     model_revision: str = _help("Hub revision of the model.", default="main")
     peft_path: str | None = _help("Start from an existing mtlora adapter folder (paper flag).", default=None)
+    # --- released train.py flags (issue 13) ---
+    config_name: str | None = _help(
+        "Model config (folder or hub id) to use instead of the model's own config.json (paper flag).",
+        default=None,
+    )
+    config_overrides: str | None = _help(
+        "Paper flag for training a model from scratch; refused (mtlora always starts from --model_name_or_path).",
+        default=None,
+    )
+    cache_dir: str | None = _help(
+        "Hugging Face cache folder for downloaded models, configs and tokenizers (paper flag).", default=None
+    )
+    use_auth_token: bool = _help(
+        "Use the token saved by `hf auth login` for private hub models (paper flag; token=True).",
+        default=False,
+    )
     load_in_kbits: int = _help("Paper flag; only 16 (no quantisation) is supported.", default=16)
 
 
@@ -59,7 +81,7 @@ class DataArguments:
     )
     train_file: str | None = _help("One training file (instead of --dataset_dir).", default=None)
     validation_file: str | None = _help(
-        "Evaluation file (used with --do_eval / --eval_strategy).", default=None
+        "Evaluation file, read only with --do_eval / --eval_strategy (as released).", default=None
     )
     max_seq_length: int = _help("Truncate examples to this many tokens (from the right).", default=512)
     template: str = _help(
@@ -69,6 +91,26 @@ class DataArguments:
         "Tokenisation cache (default: <output_dir>/tokenized_cache).", default=None
     )
     max_train_samples: int | None = _help("Use only the first N training records (debugging).", default=None)
+    # --- released train.py flags (issue 13) ---
+    overwrite_cache: bool = _help(
+        "Tokenise again even if the tokenisation cache has this data (the cache key already covers data, "
+        "tokenizer and settings, so this is only needed to rebuild a damaged cache).",
+        default=False,
+    )
+    validation_split_percentage: float | None = _help(
+        "Hold out this percentage (0 < p < 100) of the training records as evaluation data when evaluation is "
+        "asked for (--do_eval / --eval_strategy) and no --validation_file is given. Released default 0.05, "
+        "never used there.",
+        default=None,
+    )
+    preprocessing_num_workers: int | None = _help(
+        "Processes that tokenise the data (default: one).", default=None
+    )
+    keep_linebreaks: bool = _help(
+        "Paper flag for plain-text datasets; instruction records always keep their line breaks (False is "
+        "refused).",
+        default=True,
+    )
 
 
 @dataclass
@@ -88,13 +130,54 @@ class MtLoraTrainingArguments(TrainingArguments):
         "regularizer state (one warning per missing file) instead of refusing.",
         default=False,
     )
+    # --- released train.py / transformers 4.x flags (issue 13) ---
+    logging_dir: str | None = _help(
+        "Also write the logs here: train_log.jsonl (every log record), train_results.json and "
+        "trainer_state.json at the end, and TensorBoard events with --report_to tensorboard (default: "
+        "output_dir only). transformers 4.x flag, removed in 5.",
+        default=None,
+    )
+    overwrite_output_dir: bool = _help(
+        "Allow training into an output_dir that already holds an adapter or checkpoints (its files are "
+        "overwritten as the new run writes them). Without it such a folder is refused unless "
+        "--resume_from_checkpoint is given. transformers 4.x flag, removed in 5.",
+        default=False,
+    )
+    init_r: int = _help("adalora: initial rank of every adapted matrix (paper flag).", default=12)
+    target_r: int = _help("adalora: target average rank after rank allocation (paper flag).", default=8)
+    orth_reg_weight: float = _help(
+        "adalora: weight of the orthogonality regularizer of P and Q (paper flag).", default=0.5
+    )
+
+
+#: The released ``train.py``'s command-line defaults where they differ from mtlora's (which are the values its
+#: experiment scripts pass). ``--released_defaults`` makes them the parser's defaults, so explicit flags (and
+#: ``--config`` files) still win; docs/paper_differences.md lists them next to mtlora's. The training-argument
+#: values are the transformers 4.36 defaults the released script inherited.
+RELEASED_DEFAULTS: dict[str, Any] = {
+    "method": "lora",
+    "lora_rank": 8,
+    "lora_alpha": 32.0,
+    "lora_nums": 2,
+    "lora_dropout": 0.1,
+    "block_adapter_type": "attention",
+    "routing_group_size": 1,
+    "adaptformer_init_scale": 0.0,
+    "task_num": 2,
+    "max_seq_length": 1024,
+    "learning_rate": 5e-5,
+    "logging_steps": 500,
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": None,
+}
 
 
 def build_parser(prog: str = "mtlora train", *, with_config: bool = True) -> HfArgumentParser:
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, MtLoraConfig, MtLoraTrainingArguments),
         prog=prog,
-        description="Fine-tune a causal LM with lora / hydralora / mmoelora / mtlora adapters.",
+        description="Fine-tune a causal LM with lora / hydralora / mmoelora / mtlora / adalora adapters.",
     )
     for action in parser._actions:
         if any(opt.lstrip("-").replace("-", "_") in _HIDDEN_FLAGS for opt in action.option_strings):
@@ -102,6 +185,12 @@ def build_parser(prog: str = "mtlora train", *, with_config: bool = True) -> HfA
     if with_config:
         parser.add_argument(
             "--config", default=None, help="YAML or JSON file with any of these flags (flags win)."
+        )
+        parser.add_argument(
+            "--released_defaults",
+            action="store_true",
+            help="Use the released train.py's defaults (r 8, alpha 32, E 2, dropout 0.1, method lora, block type "
+            "attention, group size 1, max_seq_length 1024, lr 5e-5, ...) for every flag not given.",
         )
     return parser
 
@@ -151,6 +240,10 @@ def parse_train_args(
     ns, rest = pre.parse_known_args(argv)
     if ns.config:
         rest = _config_file_argv(ns.config) + rest
+    if "--released_defaults" in rest:
+        rest = [a for a in rest if a != "--released_defaults"]
+        parser.set_defaults(**RELEASED_DEFAULTS)
+    _check_deepspeed_installed(rest)
     try:
         model_args, data_args, adapter, train_args = parser.parse_args_into_dataclasses(args=rest)
     except SystemExit as exc:  # argparse already printed the problem
@@ -172,4 +265,66 @@ def parse_train_args(
         adapter.validate()
     if train_args.remove_unused_columns:
         raise ConfigError("--remove_unused_columns must be False (task ids travel in the batch)")
+    _check_released_flags(model_args, data_args, adapter, train_args)
     return model_args, data_args, adapter, train_args
+
+
+def _check_released_flags(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    adapter: MtLoraConfig,
+    train_args: MtLoraTrainingArguments,
+) -> None:
+    """The released flags whose meaning cannot apply here, or whose values are inconsistent: one line each."""
+    if model_args.config_overrides is not None:
+        raise ConfigError(
+            "--config_overrides: only for training a model from scratch, which mtlora does not do (the released "
+            "train.py also refused it together with --model_name_or_path); edit the model's config.json or "
+            "pass --config_name"
+        )
+    if not data_args.keep_linebreaks:
+        raise ConfigError(
+            "--keep_linebreaks False: applies to plain-text (TXT) datasets, which mtlora does not read; "
+            "instruction records always keep their line breaks (drop the flag)"
+        )
+    pct = data_args.validation_split_percentage
+    if pct is not None:
+        if not 0 < pct < 100:
+            raise ConfigError(f"--validation_split_percentage {pct}: must be between 0 and 100 (exclusive)")
+        if data_args.validation_file:
+            raise ConfigError(
+                "--validation_split_percentage applies only without --validation_file (give one of them)"
+            )
+    if data_args.preprocessing_num_workers is not None and data_args.preprocessing_num_workers < 1:
+        raise ConfigError(
+            f"--preprocessing_num_workers {data_args.preprocessing_num_workers}: must be a positive integer"
+        )
+    if train_args.do_eval and not (data_args.validation_file or pct):
+        raise ConfigError(
+            "--do_eval needs evaluation data: --validation_file FILE or --validation_split_percentage P"
+        )
+    if adapter.method == "adalora":
+        if not 1 <= train_args.target_r <= train_args.init_r:
+            raise ConfigError(
+                f"--target_r {train_args.target_r} / --init_r {train_args.init_r}: adalora needs "
+                "1 <= target_r <= init_r"
+            )
+        if train_args.orth_reg_weight < 0:
+            raise ConfigError(f"--orth_reg_weight {train_args.orth_reg_weight}: must be >= 0")
+        if adapter.enable_block_adapter:
+            raise ConfigError("--enable_block_adapter: adalora adapts component linears only")
+
+
+def _check_deepspeed_installed(argv: list[str]) -> None:
+    """``--deepspeed`` without the package: one line instead of transformers' traceback at parse time."""
+    import importlib.util
+
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--deepspeed=") else None
+        if arg == "--deepspeed" and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value and importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                f"--deepspeed {value}: the deepspeed package is not installed (pip install deepspeed on the GPU "
+                "machine); without DeepSpeed drop the flag and run on one device or with DDP"
+            )

@@ -9,6 +9,12 @@ Output folder layout::
       task_map.json           task name -> id
       run_manifest.json       versions, git hash, seed, data file hashes, timings
       train_log.jsonl         one JSON record per log step (losses, routing entropy, expert usage)
+
+With ``--logging_dir D`` the log records also go to ``D/train_log.jsonl``, and ``D`` receives
+``train_results.json`` and ``trainer_state.json`` at the end (as the released ``train.py`` wrote them) and the
+TensorBoard events with ``--report_to tensorboard``. An ``output_dir`` that already holds an adapter or
+checkpoints is refused unless ``--overwrite_output_dir`` or ``--resume_from_checkpoint`` is given (the
+transformers 4.x meaning of the flag; ``--resume_from_checkpoint last`` picks the newest checkpoint).
 """
 
 from __future__ import annotations
@@ -20,15 +26,58 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from mtlora.config import MtLoraConfig
 from mtlora.errors import ConfigError
 from mtlora.hub import DTYPES, torch_dtype
 from mtlora.training.arguments import DataArguments, ModelArguments, MtLoraTrainingArguments
+
+
+class LoggingDirLogCallback(TrainerCallback):
+    """The ``train_log.jsonl`` records again, in ``--logging_dir`` (its own class: the Trainer warns about two
+    callbacks of one class)."""
+
+    def __init__(self, path: Path, *, resuming: bool = False) -> None:
+        from mtlora.training.trainer import JsonlLogCallback
+
+        self.inner = JsonlLogCallback(path, resuming=resuming)
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[override]
+        return self.inner.on_train_begin(args, state, control, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[override]
+        return self.inner.on_log(args, state, control, logs=logs, **kwargs)
+
+
+def route_tensorboard(trainer: Any, train_args: MtLoraTrainingArguments) -> None:
+    """``--logging_dir`` is where TensorBoard writes (transformers 5 reads only TENSORBOARD_LOGGING_DIR)."""
+    if not train_args.logging_dir:
+        return
+    from transformers.integrations import TensorBoardCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:
+            cb.logging_dir = train_args.logging_dir
+
+
+def finish_logs(
+    trainer: Any, train_args: MtLoraTrainingArguments, result: Any, eval_ds: Any, num_train: int
+) -> None:
+    """After training: ``--do_eval`` evaluates once; ``--logging_dir`` gets the released run summaries."""
+    if train_args.do_eval and eval_ds is not None:
+        trainer.evaluate()
+    if train_args.logging_dir and trainer.is_world_process_zero():
+        logging_dir = Path(train_args.logging_dir)
+        logging_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {**result.metrics, "train_samples": num_train}
+        (logging_dir / "train_results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        trainer.state.save_to_json(str(logging_dir / "trainer_state.json"))
 
 
 def _file_sha256(path: Path) -> str:
@@ -82,24 +131,51 @@ def _base_dtype(model_args: ModelArguments, train_args: MtLoraTrainingArguments)
     return torch.float32
 
 
+def _hub_kwargs(model_args: ModelArguments) -> dict[str, Any]:
+    """``cache_dir`` / ``token`` for every ``from_pretrained`` call (the paper's --cache_dir, --use_auth_token)."""
+    kwargs: dict[str, Any] = {}
+    if model_args.cache_dir:
+        kwargs["cache_dir"] = model_args.cache_dir
+    if model_args.use_auth_token:
+        kwargs["token"] = True
+    return kwargs
+
+
 def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArguments) -> tuple[Any, Any]:
     """(model, tokenizer) with the tokenizer defaulting to the model's (the paper code crashed without one)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from mtlora.hub import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(model_args.model_name_or_path)
     if os.path.isdir(path) and not Path(path, "config.json").is_file():
         raise ConfigError(f"--model_name_or_path {path}: no config.json in this folder")
+    hub = _hub_kwargs(model_args)
     tok_path = model_args.tokenizer_name_or_path or model_args.tokenizer_name or path
     tokenizer = load_tokenizer(
-        tok_path, use_fast=model_args.use_fast_tokenizer, trust_remote_code=model_args.trust_remote_code
+        tok_path,
+        use_fast=model_args.use_fast_tokenizer,
+        trust_remote_code=model_args.trust_remote_code,
+        **hub,
     )
     attn = "flash_attention_2" if model_args.flash_attn else model_args.attn_implementation
     kwargs: dict[str, Any] = {
         "dtype": _base_dtype(model_args, train_args),
         "trust_remote_code": model_args.trust_remote_code,
+        **hub,
     }
+    if model_args.config_name:
+        try:
+            kwargs["config"] = AutoConfig.from_pretrained(
+                resolve_model_path(model_args.config_name),
+                trust_remote_code=model_args.trust_remote_code,
+                **hub,
+            )
+        except OSError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(
+                f"--config_name {model_args.config_name}: cannot load a model config ({first})"
+            ) from None
     if attn:
         kwargs["attn_implementation"] = attn
     if model_args.model_revision != "main":
@@ -113,35 +189,110 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
 
 
 def load_training_data(
-    data_args: DataArguments, tokenizer: Any, cache_root: Path, task_map: dict[str, int] | None = None
+    data_args: DataArguments,
+    tokenizer: Any,
+    cache_root: Path,
+    task_map: dict[str, int] | None = None,
+    evaluate: bool = True,
 ):
-    """(train dataset, eval dataset or None, task map, data files) - every record validated up front."""
+    """(train dataset, eval dataset or None, task map, data files) - every record validated up front.
+
+    Evaluation data (``--validation_file`` or ``--validation_split_percentage``) is read only when
+    ``evaluate`` (``--do_eval`` / ``--eval_strategy``): the released scripts pass a ``--validation_file`` that
+    their ``train.py`` never opened without ``--do_eval``.
+    """
     from mtlora.data import build_task_map, cached_tokenize, load_records
 
     sources = [data_args.train_file] if data_args.train_file else [data_args.dataset_dir]
     records = load_records(sources[0])
     if data_args.max_train_samples:
         records = records[: data_args.max_train_samples]
-    eval_records = load_records(data_args.validation_file) if data_args.validation_file else None
+    eval_records = load_records(data_args.validation_file) if evaluate and data_args.validation_file else None
+    if evaluate and data_args.validation_split_percentage and eval_records is None:
+        records, eval_records = split_validation(records, data_args.validation_split_percentage)
     if task_map is None:
         task_map = build_task_map(records + (eval_records or []))
+    tok_kwargs: dict[str, Any] = {
+        "cache_dir": cache_root,
+        "overwrite": data_args.overwrite_cache,
+        "num_proc": data_args.preprocessing_num_workers,
+    }
     train = cached_tokenize(
-        records, tokenizer, data_args.max_seq_length, data_args.template, task_map, cache_dir=cache_root
+        records, tokenizer, data_args.max_seq_length, data_args.template, task_map, **tok_kwargs
     )
     evald = None
     if eval_records:
         evald = cached_tokenize(
-            eval_records,
-            tokenizer,
-            data_args.max_seq_length,
-            data_args.template,
-            task_map,
-            cache_dir=cache_root,
+            eval_records, tokenizer, data_args.max_seq_length, data_args.template, task_map, **tok_kwargs
         )
     files = [Path(sources[0])] if Path(sources[0]).is_file() else sorted(Path(sources[0]).glob("*.json*"))
-    if data_args.validation_file:
+    if evaluate and data_args.validation_file:
         files.append(Path(data_args.validation_file))
     return train, evald, task_map, files
+
+
+def split_validation(records: list[Any], percentage: float) -> tuple[list[Any], list[Any]]:
+    """(train, validation): the first ``percentage`` % of the records (at least one) are held out.
+
+    The released ``train.py`` inherited ``--validation_split_percentage`` from the Hugging Face ``run_clm``
+    example, which takes the validation set as the first p % of the training split (``train[:p%]``).
+    """
+    n = len(records)
+    if n < 2:
+        raise ConfigError(
+            f"--validation_split_percentage {percentage}: {n} training record(s) cannot be split"
+        )
+    k = min(max(1, round(n * percentage / 100.0)), n - 1)
+    return records[k:], records[:k]
+
+
+def check_output_dir(train_args: MtLoraTrainingArguments) -> None:
+    """The transformers 4.x meaning of ``--overwrite_output_dir``: never silently train over earlier results.
+
+    A folder holding a trained adapter (``sft_lora_model``) or checkpoints (``checkpoint-*``) is refused
+    unless the run resumes (``--resume_from_checkpoint``) or ``--overwrite_output_dir`` allows reusing it.
+    ``--resume_from_checkpoint last`` (or ``True``) is resolved by :func:`~mtlora.training.trainer.prepare_resume`
+    (the newest complete checkpoint in the folder).
+    """
+    out = Path(train_args.output_dir)
+    resume = train_args.resume_from_checkpoint
+    if resume or train_args.overwrite_output_dir or not out.is_dir():
+        return
+    held = sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir())
+    if (out / "sft_lora_model").is_dir():
+        held.insert(0, "sft_lora_model")
+    if held:
+        raise ConfigError(
+            f"--output_dir {out} already holds a trained run ({', '.join(held[:3])}); pass --overwrite_output_dir "
+            "to train into it again, or --resume_from_checkpoint <checkpoint folder | last> to continue it"
+        )
+
+
+def _adalora_model(
+    model: Any,
+    model_args: ModelArguments,
+    adapter: MtLoraConfig,
+    train_args: MtLoraTrainingArguments,
+    num_examples: int,
+) -> Any:
+    """A peft AdaLoRA model: new (on ``target_modules``, default the architecture's) or from ``--peft_path``."""
+    from mtlora.placement import default_target_modules
+    from mtlora.training.adalora import get_adalora_model
+
+    if model_args.peft_path:
+        from peft import PeftModel
+
+        from mtlora.hub import read_adapter_config
+
+        cfg = read_adapter_config(model_args.peft_path)
+        if str(cfg.get("peft_type", "")).upper() != "ADALORA":
+            raise ConfigError(
+                f"--peft_path {model_args.peft_path}: not an AdaLoRA adapter (method/peft_type "
+                f"{cfg.get('method', cfg.get('peft_type'))!r}) but --method adalora"
+            )
+        return PeftModel.from_pretrained(model, model_args.peft_path, is_trainable=True)
+    targets = adapter.target_modules or default_target_modules(model)
+    return get_adalora_model(model, adapter, train_args, num_examples, list(targets))
 
 
 def train(
@@ -166,22 +317,43 @@ def train(
     t0 = time.time()
     if not torch.cuda.is_available():
         train_args.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
+    check_output_dir(train_args)
+    if train_args.label_names is None:  # the wrapper's forward(**kwargs) hides `labels` from the Trainer,
+        train_args.label_names = ["labels"]  # which then computes no evaluation loss (--do_eval)
     out = Path(train_args.output_dir)
     resume = prepare_resume(train_args, adapter)  # None, or a complete checkpoint folder (else an error)
     out.mkdir(parents=True, exist_ok=True)
+    log_dirs = [out] + ([Path(train_args.logging_dir)] if train_args.logging_dir else [])
+    for d in log_dirs[1:]:
+        d.mkdir(parents=True, exist_ok=True)
+    if not train_args.resume_from_checkpoint and train_args.should_save:
+        for d in log_dirs:  # a new run starts its log afresh (a resumed one appends)
+            (d / "train_log.jsonl").unlink(missing_ok=True)
     set_seed(train_args.seed)
     model, tokenizer = load_base_model(model_args, train_args)
     task_map = None
     if model_args.peft_path and Path(model_args.peft_path, "task_map.json").is_file():
         task_map = load_task_map(Path(model_args.peft_path, "task_map.json"))
     cache_root = Path(data_args.data_cache_dir) if data_args.data_cache_dir else out / "tokenized_cache"
-    train_ds, eval_ds, task_map, data_files = load_training_data(data_args, tokenizer, cache_root, task_map)
+    strategy = getattr(train_args.eval_strategy, "value", train_args.eval_strategy)
+    evaluate = bool(train_args.do_eval) or strategy != "no"
+    train_ds, eval_ds, task_map, data_files = load_training_data(
+        data_args, tokenizer, cache_root, task_map, evaluate=evaluate
+    )
     if adapter.method == "mmoelora" and adapter.task_num is None:
         adapter.task_num = len(task_map)
     if adapter.method == "mmoelora" and adapter.task_num < len(task_map):
         raise ConfigError(f"--task_num {adapter.task_num}: the data has {len(task_map)} tasks")
     adapter.base_model_name_or_path = model_args.model_name_or_path
-    if model_args.peft_path:
+    trainer_cls: Any = MtLoraTrainer
+    trainer_kwargs: dict[str, Any] = {"task_map": task_map}
+    if adapter.method == "adalora":  # peft's AdaLoRA: a peft model and its own trainer (training/adalora.py)
+        from mtlora.training.adalora import AdaLoraTrainer
+
+        peft_model = _adalora_model(model, model_args, adapter, train_args, len(train_ds))
+        trainer_cls, trainer_kwargs = AdaLoraTrainer, {}
+        adapter_record = {**adapter.to_dict(), "peft_config": peft_model.peft_config["default"].to_dict()}
+    elif model_args.peft_path:
         pm = MtLoraModel.from_pretrained(model, model_args.peft_path, is_trainable=True)
         if pm.mtlora_config.method != adapter.method:
             raise ConfigError(
@@ -190,6 +362,15 @@ def train(
         peft_model = pm
     else:
         peft_model = get_mtlora_model(model, adapter)
+        if adapter.enable_block_adapter and adapter.block_adapter_style == "adaptformer":
+            if adapter.adaptformer_init_scale == 0:
+                warnings.warn(
+                    "--adaptformer_init_scale 0 (the released default): with B = 0 every gradient of the "
+                    "adapter is exactly zero, so it will not train (mtlora's default is 0.1)",
+                    stacklevel=2,
+                )
+    if adapter.method != "adalora":
+        adapter_record = peft_model.mtlora_config.to_dict()
 
     # before run_config.json is rewritten: refuse a resume whose configuration differs from the checkpoint's run
     if resume is not None:
@@ -198,26 +379,30 @@ def train(
     run_config = {
         "model": _jsonable(model_args),
         "data": _jsonable(data_args),
-        "adapter": peft_model.mtlora_config.to_dict(),
+        "adapter": adapter_record,
         "training": json.loads(train_args.to_json_string()),
     }
     (out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
     trainable, total = peft_model.get_nb_trainable_parameters()
 
-    trainer = MtLoraTrainer(
+    trainer = trainer_cls(
         model=peft_model,
         args=train_args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=DataCollatorForInstructions.from_tokenizer(tokenizer),
         processing_class=tokenizer,
-        task_map=task_map,
-        callbacks=[JsonlLogCallback(out / "train_log.jsonl", resuming=resume is not None)],
+        callbacks=[JsonlLogCallback(out / "train_log.jsonl", resuming=resume is not None)]
+        + [LoggingDirLogCallback(d / "train_log.jsonl", resuming=resume is not None) for d in log_dirs[1:]],
+        **trainer_kwargs,
     )
+    route_tensorboard(trainer, train_args)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    finish_logs(trainer, train_args, result, eval_ds, len(train_ds))
     adapter_dir = out / "sft_lora_model"
     if trainer.args.should_save:
         save_adapter(peft_model, adapter_dir, tokenizer, task_map)
+        spectral = getattr(trainer, "spectral", None)  # MtLoraTrainer only
         manifest = {
             "mtlora_version": __import__("mtlora").__version__,
             "git_hash": _git_hash(),
@@ -235,7 +420,7 @@ def train(
             "global_steps": result.global_step,
             "train_loss": result.training_loss,
             "seconds": round(time.time() - t0, 2),
-            "spectral_applications": trainer.spectral.num_applications if trainer.spectral else 0,
+            "spectral_applications": spectral.num_applications if spectral else 0,
         }
         (out / "run_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return adapter_dir

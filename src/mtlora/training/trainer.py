@@ -325,7 +325,7 @@ def _checkpoint_step(path: Path) -> int:
 def prepare_resume(args: Any, config: MtLoraConfig | None = None) -> Path | None:
     """Resolve ``--resume_from_checkpoint`` and refuse a checkpoint that cannot continue the run exactly.
 
-    ``True`` means the latest checkpoint in ``--output_dir`` (transformers' meaning); if that one is
+    ``True`` (or ``last``) means the latest checkpoint in ``--output_dir`` (transformers' meaning); if that one is
     incomplete (e.g. a kill during its save) the latest complete one is used, with a warning. ``False``/empty
     means no resume. A path that does not exist, or a checkpoint without weights or ``trainer_state.json``, is
     an error. A checkpoint without optimizer, scheduler, RNG or regularizer state is refused unless
@@ -335,7 +335,7 @@ def prepare_resume(args: Any, config: MtLoraConfig | None = None) -> Path | None
     if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false")):
         return None
     force = bool(getattr(args, "force", False))
-    if value is True or (isinstance(value, str) and value.strip().lower() == "true"):
+    if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "last")):
         out = Path(args.output_dir)
         found = (
             sorted(
