@@ -97,7 +97,8 @@ def test_repro_rows_equal_the_released_rows(capsys, table: str) -> None:
         matched.add(hits[0])
         mine = {k: v for k, v in _flags(c["argv"]).items() if k not in NOT_CONFIG}
         assert mine == _flags(r["train_flags"].split()), r["script"]
-        assert c["procs"] == int(r["processes"]) and (c["procs"] > 1) == (r["launcher"] == "accelerate launch")
+        assert c["procs"] == int(r["processes"]), r["script"]
+        assert (c["procs"] > 1) == (r["launcher"] == "accelerate launch")
         assert c["layout"] == (int(mine["--per_device_train_batch_size"]),
                                int(mine["--gradient_accumulation_steps"]), c["procs"])  # fmt: skip
     extra = [c for i, c in enumerate(ours) if i not in matched]

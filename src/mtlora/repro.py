@@ -187,7 +187,12 @@ def table_rows(table: str) -> list[Row]:
                 released=_both("block/position/attn.sh"),
             ),
             Row("block_ffn", "block FFN", _block("ffn"), released=_both("block/position/ffn.sh")),
-            Row("block_both", "block attention + FFN", _block("both"), released=_both("block/position/both.sh")),
+            Row(
+                "block_both",
+                "block attention + FFN",
+                _block("both"),
+                released=_both("block/position/both.sh"),
+            ),
         ]
     if table == "tableS7":  # the released 3_llama13b.sh trains Dolly-15k -> MMLU only: BBH is extra
         return [
@@ -510,7 +515,9 @@ def format_table(results: dict[str, Any], setups: list[str]) -> str:
             ours = r.get(s)
             ref = paper.get(r["id"], (None, None))[0 if s == "mmlu" else 1]
             mark = " (extra)" if s in r.get("extra_setups", ()) else ""
-            cells.append(f"{'—' if ours is None else f'{100 * ours:.1f}'} / {'—' if ref is None else ref}{mark}")
+            cells.append(
+                f"{'—' if ours is None else f'{100 * ours:.1f}'} / {'—' if ref is None else ref}{mark}"
+            )
         lines.append(f"| {r['label']} | {params} | " + " | ".join(cells) + " |")
     if any(r.get("extra_setups") for r in results["rows"]):
         lines += ["", "(extra): a run the released table scripts do not make (see results.json, `released`)."]
