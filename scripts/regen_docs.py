@@ -447,14 +447,24 @@ def regions(text: str) -> list[re.Match[str]]:
     return list(REGION.finditer(text))
 
 
-def render_text(text: str, path: Path) -> str:
+def render_text(text: str, path: Path, missing: list[str] | None = None) -> str:
+    """``text`` with every region re-rendered; a region whose result file is missing is left as it is and
+    named in ``missing`` (if given; else the error propagates)."""
+
     def sub(m: re.Match[str]) -> str:
         name = m.group("name")
         if name not in RENDERERS:
             raise SystemExit(
                 f"{path.relative_to(REPO)}: unknown region {name!r} (known: {', '.join(RENDERERS)})"
             )
-        return f"<!-- regen:{name} -->{RENDERERS[name]()}<!-- /regen:{name} -->"
+        try:
+            body = RENDERERS[name]()
+        except FileNotFoundError as exc:
+            if missing is None:
+                raise
+            missing.append(f"{path.relative_to(REPO)}: {name}: {exc}")
+            return m.group(0)
+        return f"<!-- regen:{name} -->{body}<!-- /regen:{name} -->"
 
     return REGION.sub(sub, text)
 
@@ -481,13 +491,18 @@ def check() -> list[str]:
     return problems
 
 
-def render_all() -> None:
+def render_all() -> int:
+    """Rewrite every region that has its result file; returns 1 (and says which) if some had none."""
+    missing: list[str] = []
     for path in DOC_FILES:
         text = path.read_text(encoding="utf-8")
-        new = render_text(text, path)
+        new = render_text(text, path, missing)
         if new != text:
             path.write_text(new, encoding="utf-8")
             print(f"updated {path.relative_to(REPO)}")
+    for x in missing:
+        print(f"not rendered: {x}")
+    return 1 if missing else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,8 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.time()
                 PRODUCERS[name](work)
                 print(f"[{name}] {time.time() - t0:.0f} s", flush=True)
-    render_all()
-    return 0
+    return render_all()
 
 
 if __name__ == "__main__":
