@@ -331,7 +331,7 @@ def render_demo_comparison() -> str:
     lose = ", ".join(f"`{t}` {_pct(mt['per_task'][t])}% vs {_pct(hy['per_task'][t])}%" for t in worst)
     return (
         f"**mtlora {beats(mt, hy)} hydralora here** ({_pct(mt['average'])}% vs {_pct(hy['average'])}%); it "
-        f"{beats(mt, lo)} plain LoRA ({_pct(lo['average'])}%), and hydralora {beats(hy, lo)} it. mtlora wins "
+        f"{beats(mt, lo)} plain LoRA ({_pct(lo['average'])}%), and hydralora {beats(hy, lo)} plain LoRA. mtlora wins "
         f"over hydralora on {len(wins)} tasks"
         + (f" ({', '.join(f'`{t}`' for t in wins)})" if wins else "")
         + f" and loses most on {lose}."
