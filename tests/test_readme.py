@@ -138,6 +138,20 @@ def test_blocks_are_found_and_the_parser_works() -> None:
     assert substitute("tests/fixtures/llama-2-7b --routing_group_size 2048").endswith("2048")
 
 
+def test_the_checks_can_fail(sandbox) -> None:
+    """A wrong ``#>`` output, a failing command and an uncovered program each fail the test."""
+    root, env = sandbox
+    run_bash_block("python -c 'print(1)'\n#> 1\n", root, env, "ok")
+    with pytest.raises(AssertionError, match="expected the line '2'"):
+        run_bash_block("python -c 'print(1)'\n#> 2\n", root, env, "wrong output")
+    with pytest.raises(AssertionError, match="^failing: python"):
+        run_bash_block("python -c 'raise SystemExit(3)'\n", root, env, "failing")
+    with pytest.raises(pytest.fail.Exception, match="not covered"):
+        run_bash_block("curl https://example.com\n", root, env, "uncovered")
+    with pytest.raises(AssertionError, match="no extra"):
+        _check_pip('pip install -e ".[nonexistent]"')
+
+
 @pytest.mark.slow
 def test_every_readme_block_runs(sandbox) -> None:
     root, env = sandbox
