@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench docs clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV) $(PY)
@@ -24,6 +24,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/layer_speed.py --quick
+
+# Re-run every command whose numbers README.md and docs/ quote, then rewrite those numbers (~20-30 min on
+# 2 cores; scripts/regen_docs.py --render only rewrites them from the committed docs/results/*.json).
+docs: $(STAMP)
+	$(BIN)/python scripts/regen_docs.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -21,6 +21,7 @@ from mtlora.lorahub import (
     main,
     run_lorahub_method,
     save_composed,
+    score_weights,
 )
 
 TINY = "mtlora:stories260k"
@@ -78,18 +79,26 @@ def library(tmp_path_factory) -> dict:
     return {"root": root, "right": right, "wrong": wrong, "examples": examples, "records": records}
 
 
-def test_compose_weights_up_the_right_lora(library: dict) -> None:
+@pytest.mark.parametrize("objective", ["lorahub", "token_nll_l1sum"])
+def test_compose_weights_up_the_right_lora(library: dict, objective: str) -> None:
     base, tok = _base(), load_tokenizer(TINY)
     before = {n: p.clone() for n, p in base.state_dict().items()}
     result, composed = compose(
-        base, tok, [library["wrong"], library["right"]], library["records"], budget=20, seed=0
-    )
+        base, tok, [library["wrong"], library["right"]], library["records"], budget=20, seed=0,
+        objective=objective,
+    )  # fmt: skip
     w_wrong, w_right = result.weights
     assert w_right > 0.5 and w_right > abs(w_wrong) + 0.3, result.weights
     start = result.history[0]  # nevergrad starts at w = 0, i.e. the base model
     assert start["weights"] == [0.0, 0.0]
-    assert result.objective < start["objective"] - 0.5
-    assert result.objective == pytest.approx(result.nll + 0.05 * (abs(w_wrong) + abs(w_right)))
+    assert result.objective_name == objective and result.objective == pytest.approx(result.loss + result.l1)
+    if objective == "lorahub":  # 5 examples in one batch: loss = (batch-mean CE) / 5, l1 = 0.05 mean|w|
+        assert result.loss == pytest.approx(result.nll / 5, rel=1e-6)
+        assert result.l1 == pytest.approx(0.05 * (abs(w_wrong) + abs(w_right)) / 2)
+        assert result.objective < start["objective"] - 0.1
+    else:
+        assert result.loss == result.nll and result.l1 == pytest.approx(0.05 * (abs(w_wrong) + abs(w_right)))
+        assert result.objective < start["objective"] - 0.5
     assert len(result.history) >= 20
     # the base model is handed back untouched (no adapter, same weights)
     assert not any("mtlora" in n for n, _ in base.named_modules())
@@ -99,6 +108,40 @@ def test_compose_weights_up_the_right_lora(library: dict) -> None:
     name = next(iter(composed.modules))
     a = result.weights[0] * loras[0].modules[name][0] + result.weights[1] * loras[1].modules[name][0]
     assert torch.allclose(composed.modules[name][0], a, atol=1e-6)
+
+
+def test_objective_equals_the_original_by_hand(library: dict, tmp_path: Path) -> None:
+    """The default objective against the original's formula computed independently: plain peft with the
+    composed LoRA, Hugging Face's own ``labels`` loss per batch (as ``default_get_loss``), summed, divided by
+    the number of examples, plus ``0.05 * mean|w|`` (``default_l1_regularization``)."""
+    from peft import PeftModel
+
+    from mtlora.export import _encode, _right_padded
+
+    tok = load_tokenizer(TINY)
+    loras = [read_peft_lora(library["wrong"]), read_peft_lora(library["right"])]
+    weights = [0.4, -0.9]
+    combined = write_peft_lora(
+        tmp_path / "w", combine_loras(loras, weights).modules, lora_alpha=8.0,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+    )  # fmt: skip
+    model = PeftModel.from_pretrained(_base(), combined).eval()
+    enc = _encode(library["records"], tok, 512, "paper")
+    batch_losses = []
+    for i in range(0, len(enc), 2):  # batches of 2: 2 + 2 + 1 examples
+        batch = _right_padded([(ids, lab) for _, ids, lab in enc[i : i + 2]], 0, "cpu")
+        with torch.no_grad():
+            batch_losses.append(float(model(**batch).loss))
+    by_hand = sum(batch_losses) / 5 + 0.05 * (0.4 + 0.9) / 2
+    got = score_weights(_base(), tok, loras, library["records"], weights, batch_size=2)
+    assert len(batch_losses) == 3 and got["objective"] == pytest.approx(by_hand, rel=1e-5)
+    assert got["l1"] == pytest.approx(0.05 * 0.65)
+    # the earlier form, kept as an option: token-mean NLL of all targets + 0.05 * sum|w|
+    old = score_weights(_base(), tok, loras, library["records"], weights, objective="token_nll_l1sum")
+    assert old["objective"] == pytest.approx(old["nll"] + 0.05 * 1.3)
+    assert old["nll"] == pytest.approx(got["nll"])
+    with pytest.raises(MtLoraError, match="unknown LoRAHub objective"):
+        score_weights(_base(), tok, loras, library["records"], weights, objective="nll")
 
 
 def test_cli_saves_a_plain_peft_lora(library: dict, tmp_path: Path) -> None:
@@ -126,6 +169,7 @@ def test_cli_saves_a_plain_peft_lora(library: dict, tmp_path: Path) -> None:
     # same seed and examples -> the same search as the CLI's
     again, _ = compose(_base(), load_tokenizer(TINY), loras, library["records"], budget=6, seed=3)
     assert again.weights == info["weights"]
+    assert info["objective_name"] == "lorahub" and info["alpha"] == 0.05 and info["batch_size"] is None
 
 
 def test_composition_rules(tmp_path: Path) -> None:

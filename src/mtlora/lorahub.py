@@ -5,14 +5,20 @@ task, searches weights ``w ∈ R^K`` for the element-wise composition
 
     A_w = Σ_k w_k A_k        B_w = Σ_k w_k B_k        Delta W = scaling · B_w A_w
 
-minimising ``mean NLL of the few-shot examples + alpha · Σ_k |w_k|`` with a gradient-free optimiser
-(nevergrad ``NGOpt``, budget 40, bounds [-1.5, 1.5], start at w = 0 = the base model). Why gradient-free:
-K is small (tens), every evaluation is a few forward passes, and no backward pass or optimizer state is
-needed, so composing costs about as much as running the examples ``budget`` times. The result is one
-ordinary peft LoRA, servable anywhere.
+minimising, by default, the original LoRAHub objective (``sail-sg/lorahub``, ``lorahub/algorithm.py``:
+``default_get_loss`` + ``default_l1_regularization``)
 
-Note on the penalty: the paper writes ``alpha · Σ|w_k|``, which is what this module uses; the released
-code divides by K (``0.05 · mean|w_k|``), so ``alpha = 0.05 / K`` reproduces it.
+    Σ_b CE_b / N  +  alpha · mean_k |w_k|        (alpha = 0.05)
+
+where CE_b is the token-mean cross-entropy of the targets of batch b (what ``model(..., labels=...).loss``
+returns) and N the number of examples, with a gradient-free optimiser (nevergrad ``NGOpt``, budget 40, bounds
+[-1.5, 1.5], start at w = 0 = the base model). The original divides the sum of per-batch means by the number
+of *examples*, not of batches; with its default (all examples in one batch, as here) the data term is the
+token-mean CE / N. ``objective="token_nll_l1sum"`` keeps this module's earlier form, the token-mean NLL of
+all examples + ``alpha · Σ_k |w_k|`` (the paper's formula; batch-independent). Why gradient-free: K is small
+(tens), every evaluation is a few forward passes, and no backward pass or optimizer state is needed, so
+composing costs about as much as running the examples ``budget`` times. The result is one ordinary peft
+LoRA, servable anywhere.
 
 Pieces:
 
@@ -68,6 +74,7 @@ __all__ = [
     "main",
     "run_lorahub_method",
     "save_composed",
+    "score_weights",
     "train_task_loras",
 ]
 
@@ -75,12 +82,19 @@ DEFAULT_ALPHA = 0.05
 DEFAULT_BUDGET = 40
 DEFAULT_BOUNDS = (-1.5, 1.5)
 DEFAULT_EXAMPLES = 5
+#: ``lorahub``: the original ``Σ_b CE_b / N + alpha · mean|w|``; ``token_nll_l1sum``: ``NLL + alpha · Σ|w|``.
+OBJECTIVES = ("lorahub", "token_nll_l1sum")
+DEFAULT_OBJECTIVE = "lorahub"
 LORAHUB_JSON = "lorahub.json"
 
 
 @dataclass
 class LoraHubResult:
-    """Outcome of one composition: the chosen weights and how they scored (``objective = nll + l1``)."""
+    """Outcome of one composition: the chosen weights and how they scored (``objective = loss + l1``).
+
+    ``loss`` is the data term of ``objective_name`` and ``l1`` the penalty it adds; ``nll`` is always the
+    token-mean NLL of all examples, so that compositions searched under either objective can be compared.
+    """
 
     weights: list[float]
     objective: float
@@ -92,6 +106,9 @@ class LoraHubResult:
     seed: int
     alpha: float
     num_examples: int
+    objective_name: str = DEFAULT_OBJECTIVE
+    loss: float = float("nan")
+    batch_size: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,9 +207,13 @@ class _NllProbe:
                 adapter.lora_A.copy_(torch.einsum("k,kri->ri", w, a).to(adapter.lora_A.dtype))
                 adapter.lora_B.copy_(torch.einsum("k,kor->or", w, b).unsqueeze(1).to(adapter.lora_B.dtype))
 
-    def nll(self, batches: Sequence[dict[str, torch.Tensor]]) -> float:
-        """Token-weighted mean NLL of the examples' targets."""
-        total, count = 0.0, 0
+    def losses(self, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """``(token-mean NLL of all targets, Σ over batches of each batch's token-mean CE)``.
+
+        The second is the sum the original LoRAHub accumulates (``outputs.loss`` per batch); both come
+        from one pass.
+        """
+        total, count, batch_means = 0.0, 0, 0.0
         with torch.no_grad():
             for batch in batches:
                 logits = self.model(
@@ -202,12 +223,91 @@ class _NllProbe:
                 valid = labels != -100
                 logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
                 tok = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-                total += float(-(tok * valid).sum())
-                count += int(valid.sum())
-        return total / max(count, 1)
+                b_sum, b_count = float(-(tok * valid).sum()), int(valid.sum())
+                total += b_sum
+                count += b_count
+                batch_means += b_sum / max(b_count, 1)
+        return total / max(count, 1), batch_means
 
     def close(self) -> Any:
         return self.model.unload()
+
+
+def objective_terms(
+    objective: str, alpha: float, weights: Sequence[float], nll: float, batch_mean_sum: float, n: int
+) -> tuple[float, float]:
+    """``(loss, l1)`` of ``objective`` for one candidate; the searched value is ``loss + l1``.
+
+    ``lorahub`` (the original ``get_score``): ``loss = Σ_b CE_b / n`` (n examples), ``l1 = alpha · mean|w|``.
+    ``token_nll_l1sum``: ``loss = token-mean NLL``, ``l1 = alpha · Σ|w|``.
+    """
+    absum = sum(abs(float(x)) for x in weights)
+    if objective == "lorahub":
+        return batch_mean_sum / max(n, 1), alpha * absum / max(len(weights), 1)
+    if objective == "token_nll_l1sum":
+        return nll, alpha * absum
+    raise MtLoraError(f"unknown LoRAHub objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+
+
+def _prepare(
+    base_model: Any,
+    tokenizer: Any,
+    loras: Sequence[str | Path | PeftLora],
+    examples: Sequence[Mapping[str, Any]],
+    max_seq_length: int,
+    template: str,
+    batch_size: int | None,
+) -> tuple[list[str], list[PeftLora], dict[str, tuple[torch.Tensor, torch.Tensor]], float, int, list]:
+    """LoRA folders, loaded LoRAs, stacked factors, scaling, number of examples and the example batches.
+
+    Batches are consecutive chunks of ``batch_size`` examples (None: all in one batch, the original's
+    default), i.e. the original's unshuffled ``DataLoader``; the ``lorahub`` objective depends on them.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise MtLoraError(f"--batch_size {batch_size}: must be >= 1")
+    dirs = [str(x) for x in loras if not isinstance(x, PeftLora)]
+    loaded = [x if isinstance(x, PeftLora) else read_peft_lora(x) for x in loras]
+    stacked, scaling, _ = _align(loaded)
+    encoded = _encode(examples, tokenizer, max_seq_length, template)
+    if not encoded:
+        raise MtLoraError("no usable example: give records whose target survives --max_seq_length")
+    device, pad = _model_device(base_model), _pad_id(tokenizer)
+    size = batch_size or len(encoded)
+    batches = [
+        _right_padded([(ids, lab) for _, ids, lab in encoded[i : i + size]], pad, device)
+        for i in range(0, len(encoded), size)
+    ]
+    return dirs, loaded, stacked, scaling, len(encoded), batches
+
+
+def score_weights(
+    base_model: Any,
+    tokenizer: Any,
+    loras: Sequence[str | Path | PeftLora],
+    examples: Sequence[Mapping[str, Any]],
+    weights: Sequence[float],
+    *,
+    objective: str = DEFAULT_OBJECTIVE,
+    alpha: float = DEFAULT_ALPHA,
+    max_seq_length: int = 512,
+    template: str = "paper",
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """The objective of one weight vector, as :func:`compose` scores it: ``{objective, loss, l1, nll}``."""
+    objective_terms(objective, alpha, [], 0.0, 0.0, 1)  # unknown objective: fail before loading anything
+    _, loaded, stacked, scaling, n, batches = _prepare(
+        base_model, tokenizer, loras, examples, max_seq_length, template, batch_size
+    )
+    if len(weights) != len(loaded):
+        raise MtLoraError(f"{len(weights)} weights for {len(loaded)} LoRAs")
+    probe = _NllProbe(base_model, stacked, scaling)
+    try:
+        probe.set_weights(weights)
+        nll, batch_sum = probe.losses(batches)
+    finally:
+        probe.close()
+    loss, l1 = objective_terms(objective, alpha, weights, nll, batch_sum, n)
+    return {"objective": loss + l1, "loss": loss, "l1": l1, "nll": nll}
 
 
 def compose(
@@ -224,13 +324,15 @@ def compose(
     optimizer: str = "NGOpt",
     max_seq_length: int = 512,
     template: str = "paper",
-    batch_size: int = 8,
+    batch_size: int | None = None,
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> tuple[LoraHubResult, PeftLora]:
     """Search composition weights for ``examples`` (records) and return (result, composed LoRA).
 
     ``base_model`` is a plain Hugging Face causal LM; it is wrapped for the search and handed back
     unchanged. The returned weights are nevergrad's recommendation, unless a point evaluated during the
     search scored strictly better (the objective is deterministic, so that point is a valid choice).
+    ``objective`` is ``lorahub`` (the original, default) or ``token_nll_l1sum`` (see :func:`objective_terms`).
     """
     try:
         import nevergrad as ng
@@ -240,32 +342,28 @@ def compose(
 
     if budget < 1:
         raise MtLoraError(f"--budget {budget}: must be >= 1")
+    if alpha < 0:
+        raise MtLoraError(f"--alpha {alpha}: must be >= 0")
     if not lower < 0 < upper:
         raise MtLoraError(f"bounds [{lower}, {upper}] must contain 0 (the search starts at w = 0)")
     if optimizer not in ng.optimizers.registry:
         raise MtLoraError(f"unknown nevergrad optimizer {optimizer!r} (e.g. NGOpt, CMA, TwoPointsDE)")
-    dirs = [str(x) for x in loras if not isinstance(x, PeftLora)]
-    loaded = [x if isinstance(x, PeftLora) else read_peft_lora(x) for x in loras]
-    stacked, scaling, _ = _align(loaded)
-    encoded = _encode(examples, tokenizer, max_seq_length, template)
-    if not encoded:
-        raise MtLoraError("no usable example: give records whose target survives --max_seq_length")
-    device, pad = _model_device(base_model), _pad_id(tokenizer)
-    batches = [
-        _right_padded([(ids, lab) for _, ids, lab in encoded[i : i + batch_size]], pad, device)
-        for i in range(0, len(encoded), batch_size)
-    ]
+    objective_terms(objective, alpha, [], 0.0, 0.0, 1)  # unknown objective: fail before loading anything
+    dirs, loaded, stacked, scaling, n, batches = _prepare(
+        base_model, tokenizer, loras, examples, max_seq_length, template, batch_size
+    )
     k = len(loaded)
     history: list[dict[str, Any]] = []
     probe = _NllProbe(base_model, stacked, scaling)
     try:
 
-        def objective(w: Any) -> float:
+        def evaluate(w: Any) -> float:
             weights = [float(x) for x in np.asarray(w).reshape(-1)]
             probe.set_weights(weights)
-            nll = probe.nll(batches)
-            value = nll + alpha * sum(abs(x) for x in weights)
-            history.append({"weights": weights, "nll": nll, "objective": value})
+            nll, batch_sum = probe.losses(batches)
+            loss, l1 = objective_terms(objective, alpha, weights, nll, batch_sum, n)
+            value = loss + l1
+            history.append({"weights": weights, "loss": loss, "l1": l1, "nll": nll, "objective": value})
             return value if math.isfinite(value) else 1e9
 
         param = ng.p.Array(init=np.zeros(k), lower=lower, upper=upper)
@@ -273,29 +371,31 @@ def compose(
         opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # nevergrad/scipy sub-optimisers warn about their own settings
-            recommendation = opt.minimize(objective)
+            recommendation = opt.minimize(evaluate)
         rec_w = [float(x) for x in np.asarray(recommendation.value).reshape(-1)]
-        objective(rec_w)
+        evaluate(rec_w)
         final = history[-1]
         best = min(history, key=lambda h: h["objective"])
         chosen = best if best["objective"] < final["objective"] else final
     finally:
         probe.close()
-    weights = list(chosen["weights"])
     result = LoraHubResult(
-        weights=weights,
+        weights=list(chosen["weights"]),
         objective=chosen["objective"],
         nll=chosen["nll"],
-        l1=alpha * sum(abs(x) for x in weights),
+        l1=chosen["l1"],
         lora_dirs=dirs,
         optimizer=optimizer,
         budget=budget,
         seed=seed,
         alpha=alpha,
-        num_examples=len(encoded),
+        num_examples=n,
+        objective_name=objective,
+        loss=chosen["loss"],
+        batch_size=batch_size,
         history=history,
     )
-    return result, combine_loras(loaded, weights)
+    return result, combine_loras(loaded, result.weights)
 
 
 def _target_modules(loras: Sequence[PeftLora], composed: PeftLora) -> list[str] | str:
@@ -454,6 +554,7 @@ def run_lorahub_method(
     examples_per_task: int = DEFAULT_EXAMPLES,
     budget: int = DEFAULT_BUDGET,
     alpha: float = DEFAULT_ALPHA,
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> Path:
     """``--method lorahub``: train per-task LoRAs, compose one LoRA per task and a default; returns the default.
 
@@ -507,6 +608,7 @@ def run_lorahub_method(
     }
     common: dict[str, Any] = dict(
         alpha=alpha,
+        objective=objective,
         budget=budget,
         seed=train_args.seed,
         max_seq_length=data_args.max_seq_length,
@@ -579,14 +681,27 @@ def build_parser(prog: str = "mtlora lorahub") -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="objective evaluations (LoRAHub: 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--alpha", type=float, default=DEFAULT_ALPHA, help="L1 weight: objective = NLL + alpha*sum|w|"
+        "--objective",
+        choices=OBJECTIVES,
+        default=DEFAULT_OBJECTIVE,
+        help="lorahub (default): the original sail-sg/lorahub objective, sum of per-batch mean CE / number of "
+        "examples + alpha*mean|w|; token_nll_l1sum: token-mean NLL + alpha*sum|w|",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=DEFAULT_ALPHA, help="L1 weight (mean|w| or sum|w|, see --objective)"
     )
     p.add_argument("--lower", type=float, default=DEFAULT_BOUNDS[0])
     p.add_argument("--upper", type=float, default=DEFAULT_BOUNDS[1])
     p.add_argument("--optimizer", default="NGOpt", help="nevergrad optimizer name (NGOpt, CMA, ...)")
     p.add_argument("--max_seq_length", type=int, default=512)
     p.add_argument("--template", default="paper", choices=("paper", "chat"))
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="examples per forward pass (default: all in one batch, as the original; the lorahub "
+        "objective sums per-batch means, so this changes its value)",
+    )
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     return p
@@ -634,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         max_seq_length=args.max_seq_length,
         template=args.template,
         batch_size=args.batch_size,
+        objective=args.objective,
     )
     result.lora_dirs = [str(d) for d in dirs]
     save_composed(
@@ -647,7 +763,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for d, w in zip(dirs, result.weights):
         print(f"  {w:+.4f}  {d}")
-    print(f"objective {result.objective:.4f} (nll {result.nll:.4f} + l1 {result.l1:.4f}); saved to {out}")
+    print(
+        f"objective {result.objective:.4f} ({result.objective_name}: loss {result.loss:.4f} + l1 "
+        f"{result.l1:.4f}; token-mean nll {result.nll:.4f}); saved to {out}"
+    )
     return 0
 
 

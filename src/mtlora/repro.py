@@ -13,15 +13,28 @@ Tables (the paper's ``tables/*.sh`` names are accepted too):
 * ``table4`` (``2_block_level``): component q,v vs block attention / ffn / both;
 * ``tableS7`` (``3_llama13b``): LLaMA-2-13B: HydraLoRA q,v, block FFN, block FFN + FGR gs 2560.
 
-Both setups run for every row: Flan-v2 → BBH (3-shot) and Dolly-15k → MMLU (5-shot). Hyper-parameters are the
-paper scripts' (r 16, α 64, E 16, dropout 0.05, lr 2e-4, 1 epoch, effective batch 32, max length 512, seed 42,
-bf16, gradient checkpointing, balance loss 0.01; spectral λ 1.0 @ step 500 for BBH, 0.5 @ 280 for MMLU).
-Group sizes are given for d=4096 (5120 for 13B) and scaled to the model's hidden size, keeping G fixed.
+Every configuration the released ``tables/*.sh`` train (31 runs: Table 2: 10, Table 3: 10, Table 4: 8,
+Table S7: 3) is trained with the released flags: method, ``--enable_blc`` (every released row passes it,
+baselines too), block type with ``--block_adapter_style lowrank --block_adapter_rank 16``, spectral λ and
+``--spectral_reg_steps`` (1.0 / 500 for Flan-v2 → BBH, 0.5 / 280 for Dolly-15k → MMLU), group size, r 16, α 64,
+E 16, dropout 0.05, lr 2e-4, max length 512, 1 epoch, seed 42, bf16, gradient checkpointing, and the row's own
+per-device batch × gradient accumulation × processes (16×1×2, 8×2×2, 16×2×1 or 32×1×1; effective batch 32).
+``tests/fixtures/released_table_rows.tsv`` holds the released rows and ``tests/test_repro.py`` holds these
+commands against them flag by flag. Rows the released scripts do not run (Table 1's baselines; BBH for Table
+S7, whose released script trains only Dolly-15k → MMLU) are *extra*: labelled so in the dry-run output, in
+``result.json`` and ``results.json``.
+
+Processes: by default every row runs with the released process count (``torchrun --nproc_per_node 2`` for the
+BBH rows, one process for MMLU). ``--num_gpus N`` runs every row on N processes with the same effective batch
+32: the released per-device batch is kept when it fits (at most 32/N) and the gradient accumulation makes up
+the rest; 32 must be divisible by N. Group sizes are given for d=4096 (5120 for 13B) and scaled to the model's
+hidden size, keeping G fixed.
 
 Runs are resumable: a configuration whose ``result.json`` exists with the same config hash is skipped. Each
 result records its config hash. ``--paper_faithful`` switches to the released code's behaviour where it differs
-(paper-mode spectral regularizer, balance loss over padding, pure-bf16 component adapters, MMoELoRA's extra
-"general" task embedding row).
+(docs/paper_differences.md): paper-mode spectral regularizer, pure-bf16 component adapters, MMoELoRA's extra
+"general" task embedding row, and the released balance loss, which had no gradient (``--blc_alpha 0``;
+``--no_blc_ignore_padding`` for its definition).
 """
 
 from __future__ import annotations
@@ -59,25 +72,56 @@ PAPER_TABLE2 = {
 
 @dataclass
 class Row:
-    """One configuration of a table: a row id, a label and the adapter flags (paper scale)."""
+    """One configuration of a table: a row id, a label and the adapter flags (paper scale).
+
+    ``released`` maps each setup the released ``tables/*.sh`` train for this row to the experiment script
+    that trains it (``A -> B``: A is a symbolic link to B); a setup not in it is an *extra* run.
+    """
 
     id: str
     label: str
     flags: list[str]
     spectral: bool = False
     group_size: int | None = None  # at paper scale (d=4096 or 5120)
+    released: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def is_extra(self, setup: str) -> bool:
+        return setup not in self.released
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one row is launched: per-device batch × gradient accumulation × processes (= effective batch)."""
+
+    per_device: int
+    grad_accum: int
+    processes: int
+
+    @property
+    def effective(self) -> int:
+        return self.per_device * self.grad_accum * self.processes
+
+
+#: The released rows' block adapter flags (every block row passes them; they are also mtlora's defaults).
+BLOCK_STYLE = ["--block_adapter_style", "lowrank", "--block_adapter_rank", "16"]
 
 
 def _block(kind: str = "ffn") -> list[str]:
-    return ["--method", "mtlora", "--enable_block_adapter", "--block_adapter_type", kind]
+    return ["--method", "mtlora", "--enable_block_adapter", "--block_adapter_type", kind, *BLOCK_STYLE]
 
 
-HYDRA = ["--method", "hydralora", "--target_modules", "q_proj,v_proj"]
+# The released train.py adapts q_proj,v_proj by default (--trainable), as mtlora does for Llama.
+HYDRA = ["--method", "hydralora"]
+
+
+def _both(script: str) -> dict[str, str]:
+    """The released scripts of a row trained in both setups: exp/bbh/<script> and exp/mmlu/<script>."""
+    return {"bbh": f"exp/bbh/{script}", "mmlu": f"exp/mmlu/{script}"}
 
 
 def table_rows(table: str) -> list[Row]:
-    if table == "table1":
+    if table == "table1":  # no released script: every run is extra
         return [
             Row(
                 "lorahub",
@@ -93,32 +137,116 @@ def table_rows(table: str) -> list[Row]:
             Row("mtlora_full", "mtLoRA (block + spectral + FGR)", _block(), spectral=True, group_size=2048),
         ]
     if table == "table2":
+        ffn = {s: f"exp/{s}/block/ffn/0_baseline.sh -> exp/{s}/block/position/ffn.sh" for s in SETUPS}
         return [
-            Row("hydralora", "HydraLoRA (component q,v)", HYDRA),
-            Row("block_ffn", "+ block-level (FFN)", _block()),
-            Row("block_ffn_spectral", "+ block + spectral reg.", _block(), spectral=True),
-            Row("block_ffn_fgr", "+ block + fine-grained routing", _block(), group_size=2048),
-            Row("mtlora_full", "mtLoRA (block + spectral + FGR)", _block(), spectral=True, group_size=2048),
+            Row("hydralora", "HydraLoRA (component q,v)", HYDRA, released=_both("component/0_baseline.sh")),
+            Row("block_ffn", "+ block-level (FFN)", _block(), released=ffn),
+            Row(
+                "block_ffn_spectral",
+                "+ block + spectral reg.",
+                _block(),
+                spectral=True,
+                released={
+                    "bbh": "exp/bbh/block/ffn/spectral/lambda/1.0.sh",
+                    "mmlu": "exp/mmlu/block/ffn/spectral/lambda/0.5.sh",
+                },
+            ),
+            Row(
+                "block_ffn_fgr",
+                "+ block + fine-grained routing",
+                _block(),
+                group_size=2048,
+                released=_both("block/ffn/fgr/g2048.sh"),
+            ),
+            Row(
+                "mtlora_full",
+                "mtLoRA (block + spectral + FGR)",
+                _block(),
+                spectral=True,
+                group_size=2048,
+                released=_both("block/ffn/spectral+fgr/g2048.sh"),
+            ),
         ]
     if table == "table3":
         return [
-            Row(f"fgr_g{g}", f"block FFN + FGR gs={g}", _block(), group_size=g)
+            Row(
+                f"fgr_g{g}",
+                f"block FFN + FGR gs={g}",
+                _block(),
+                group_size=g,
+                released=_both(f"block/ffn/fgr/g{g}.sh"),
+            )
             for g in (4096, 2048, 512, 256, 128)
         ]
     if table == "table4":
         return [
-            Row("component_qv", "component (q,v)", HYDRA),
-            Row("block_attention", "block attention", _block("attention")),
-            Row("block_ffn", "block FFN", _block("ffn")),
-            Row("block_both", "block attention + FFN", _block("both")),
+            Row("component_qv", "component (q,v)", HYDRA, released=_both("component/0_baseline.sh")),
+            Row(
+                "block_attention",
+                "block attention",
+                _block("attention"),
+                released=_both("block/position/attn.sh"),
+            ),
+            Row("block_ffn", "block FFN", _block("ffn"), released=_both("block/position/ffn.sh")),
+            Row(
+                "block_both",
+                "block attention + FFN",
+                _block("both"),
+                released=_both("block/position/both.sh"),
+            ),
         ]
-    if table == "tableS7":
+    if table == "tableS7":  # the released 3_llama13b.sh trains Dolly-15k -> MMLU only: BBH is extra
         return [
-            Row("hydralora_13b", "HydraLoRA (component q,v)", HYDRA),
-            Row("block_ffn_13b", "block FFN", _block()),
-            Row("block_ffn_fgr_13b", "block FFN + FGR gs=2560", _block(), group_size=2560),
+            Row(
+                "hydralora_13b",
+                "HydraLoRA (component q,v)",
+                HYDRA,
+                released={"mmlu": "exp/llama13/0_baseline.sh"},
+            ),
+            Row("block_ffn_13b", "block FFN", _block(), released={"mmlu": "exp/llama13/1_block_ffn.sh"}),
+            Row(
+                "block_ffn_fgr_13b",
+                "block FFN + FGR gs=2560",
+                _block(),
+                group_size=2560,
+                released={"mmlu": "exp/llama13/2_fgr_g2048.sh"},
+            ),
         ]
     raise MtLoraError(f"unknown table {table!r}")
+
+
+def released_layout(table: str, setup: str, row: Row) -> Layout:
+    """The released launch of a row (extra rows: that of the same setup's 7B rows).
+
+    BBH scripts run ``accelerate launch`` on 2 GPUs, 16×1 (8×2 with spectral regularization); MMLU scripts
+    run one process, 16×2 (32×1 with spectral regularization); the 13B scripts run one process, 32×1.
+    """
+    if table == "tableS7" and setup == "mmlu":
+        return Layout(32, 1, 1)
+    if setup == "bbh":
+        return Layout(8, 2, 2) if row.spectral else Layout(16, 1, 2)
+    return Layout(32, 1, 1) if row.spectral else Layout(16, 2, 1)
+
+
+def batch_layout(released: Layout, num_gpus: int | None) -> Layout:
+    """The layout for ``num_gpus`` processes (None: the released one), keeping the effective batch.
+
+    Why keep the released per-device batch where it fits: it is what fitted in the released runs' GPU memory;
+    gradient accumulation makes up the rest of the effective batch.
+    """
+    if num_gpus is None or num_gpus == released.processes:
+        return released
+    total = released.effective
+    if num_gpus < 1 or total % num_gpus:
+        raise MtLoraError(
+            f"--num_gpus {num_gpus}: the effective batch {total} of the released runs must be divisible by the "
+            "number of processes (use 1, 2, 4, 8, 16 or 32)"
+        )
+    per_gpu = total // num_gpus
+    per_device = min(released.per_device, per_gpu)
+    while per_gpu % per_device:
+        per_device -= 1
+    return Layout(per_device, per_gpu // per_device, num_gpus)
 
 
 TABLE_ALIASES = {
@@ -128,6 +256,14 @@ TABLE_ALIASES = {
     "table4": "table4", "2_block_level": "table4", "tables/2_block_level.sh": "table4",
     "tables7": "tableS7", "tableS7": "tableS7", "3_llama13b": "tableS7", "tables/3_llama13b.sh": "tableS7",
 }  # fmt: skip
+
+#: The released table script of each table (Table 1 has none).
+TABLE_SCRIPTS = {
+    "table2": "0_main_ablation.sh",
+    "table3": "1_routing_granularity.sh",
+    "table4": "2_block_level.sh",
+    "tableS7": "3_llama13b.sh",
+}
 
 SETUPS = {
     # setup: (benchmark, paper spectral lambda, paper spectral steps, few-shot)
@@ -147,18 +283,21 @@ def _hidden_size(model: str) -> int:
 
 def build_commands(
     row: Row, setup: str, args: argparse.Namespace, run_dir: Path, hidden: int
-) -> dict[str, list[str]]:
-    """The train and eval command lines (argv, without the program) of one configuration."""
+) -> dict[str, Any]:
+    """The train and eval command lines (argv, without the program) of one configuration, and its layout."""
     bench, lam, steps, shots = SETUPS[setup]
     data_dir = args.flan_dir if setup == "bbh" else args.dolly_dir
     train = [
         "--model_name_or_path", args.model_name_or_path, "--dataset_dir", str(data_dir),
         "--output_dir", str(run_dir), *row.flags,
         "--lora_rank", "16", "--lora_alpha", "64", "--lora_nums", "16", "--lora_dropout", "0.05",
-        "--learning_rate", "2e-4", "--max_seq_length", "512",
+        "--learning_rate", "0.0002", "--max_seq_length", "512", "--load_in_kbits", "16",
         "--seed", "42", "--save_strategy", "no", "--logging_steps", "10",
         "--overwrite_output_dir",  # an unfinished configuration is trained again from scratch in its folder
     ]  # fmt: skip
+    # The released rows pass --enable_blc everywhere; it needs a token router (not plain LoRA / MMoELoRA).
+    if row.flags[1] in ("hydralora", "mtlora"):
+        train += ["--enable_blc"]
     if row.spectral:
         train += [
             "--enable_spectral_reg",
@@ -172,15 +311,18 @@ def build_commands(
         gs = max(1, row.group_size * hidden // paper_hidden)
         train += ["--enable_fine_grained_routing", "--routing_group_size", str(gs)]
     if args.paper_faithful:
-        train += ["--no_blc_ignore_padding"]
+        if "--enable_blc" in train:
+            # The released balance loss had no gradient (reentrant checkpointing): weight 0 trains the same
+            # weights; the released definition (padding included) is kept should the weight be restored.
+            train += ["--blc_alpha", "0", "--no_blc_ignore_padding"]
         if row.spectral:
             train += ["--spectral_reg_mode", "paper"]
         if "--enable_block_adapter" not in row.flags:
             train += ["--adapter_dtype", "bfloat16"]
         if "mmoelora" in row.flags:  # the released task embedding: task_num + 1 rows, "general" id task_num
             train += ["--mmoelora_general_task"]
-    per_device = 16
     if args.smoke:
+        layout = Layout(4, 1, args.num_gpus or 1)
         train += [
             "--max_steps",
             str(args.smoke_steps),
@@ -191,9 +333,9 @@ def build_commands(
         ]
         train += ["--disable_tqdm", "True", "--max_train_samples", "32"]
     else:
-        ga = max(1, 32 // (per_device * max(args.num_gpus, 1)))
-        train += ["--num_train_epochs", "1", "--per_device_train_batch_size", str(per_device)]
-        train += ["--gradient_accumulation_steps", str(ga), "--gradient_checkpointing"]
+        layout = batch_layout(released_layout(args.table, setup, row), args.num_gpus)
+        train += ["--num_train_epochs", "1", "--per_device_train_batch_size", str(layout.per_device)]
+        train += ["--gradient_accumulation_steps", str(layout.grad_accum), "--gradient_checkpointing"]
         if args.device != "cpu":
             train += ["--bf16"]
     evaluate = [
@@ -205,10 +347,19 @@ def build_commands(
         evaluate += ["--tasks" if bench == "bbh" else "--subjects", names, "--limit", "2", "--no_progress"]
     if args.device:
         evaluate += ["--device", args.device]
-    return {"train": train, "eval": evaluate, "benchmark": [bench]}
+    return {"train": train, "eval": evaluate, "benchmark": [bench], "layout": layout}
 
 
-def config_hash(commands: dict[str, list[str]]) -> str:
+def provenance(table: str, setup: str, row: Row) -> str:
+    """One line saying where a configuration comes from: the released script, or that it is an extra run."""
+    if row.is_extra(setup):
+        script = TABLE_SCRIPTS.get(table)
+        why = f"the released tables/{script} does not train it" if script else "no released table script"
+        return f"EXTRA (not a released row: {why})"
+    return f"released {row.released[setup]}"
+
+
+def config_hash(commands: dict[str, Any]) -> str:
     blob = json.dumps({"train": commands["train"], "eval": commands["eval"]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -286,15 +437,27 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
         "rows": [],
     }
     for row in rows:
-        entry: dict[str, Any] = {"id": row.id, "label": row.label}
+        entry: dict[str, Any] = {
+            "id": row.id,
+            "label": row.label,
+            "released": {s: row.released.get(s) for s in args.setups},
+            "extra_setups": [s for s in args.setups if row.is_extra(s)],
+        }
         for setup in args.setups:
             run_dir = out / setup / row.id
             cmds = build_commands(row, setup, args, run_dir, hidden)
             bench = cmds["benchmark"][0]
+            layout: Layout = cmds["layout"]
             h = config_hash(cmds)
+            train_line = _shell("train.py", cmds["train"], layout.processes)
+            eval_line = _shell(f"eval_{bench}.py", cmds["eval"], 1)
             if args.dry_run:
-                print(_shell("train.py", cmds["train"], args.num_gpus))
-                print(_shell(f"eval_{bench}.py", cmds["eval"], 1))
+                print(
+                    f"# {args.table} {setup} {row.id}: {provenance(args.table, setup, row)}; batch "
+                    f"{layout.per_device}x{layout.grad_accum}x{layout.processes} = {layout.effective}"
+                )
+                print(train_line)
+                print(eval_line)
                 continue
             result_file = run_dir / "result.json"
             if result_file.is_file() and json.loads(result_file.read_text()).get("config_hash") == h:
@@ -303,7 +466,7 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 print(f"[run] {args.table}/{setup}/{row.id} (config {h})", flush=True)
                 t0 = time.time()
-                _run_train(cmds["train"], args.num_gpus)
+                _run_train(cmds["train"], layout.processes)
                 t_train = time.time() - t0
                 from mtlora.evaluation.cli import run as eval_run
 
@@ -317,8 +480,17 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
                     "setup": setup,
                     "row": row.id,
                     "label": row.label,
-                    "train_command": _shell("train.py", cmds["train"], args.num_gpus),
-                    "eval_command": _shell(f"eval_{bench}.py", cmds["eval"], 1),
+                    "extra": row.is_extra(setup),
+                    "released_script": row.released.get(setup),
+                    "provenance": provenance(args.table, setup, row),
+                    "batch": {
+                        "per_device": layout.per_device,
+                        "gradient_accumulation": layout.grad_accum,
+                        "processes": layout.processes,
+                        "effective": layout.effective,
+                    },
+                    "train_command": train_line,
+                    "eval_command": eval_line,
                     "trainable_params": manifest["trainable_params"],
                     "total_params": manifest["total_params"],
                     "train_seconds": round(t_train, 2),
@@ -346,9 +518,30 @@ def format_table(results: dict[str, Any], setups: list[str]) -> str:
         for s in setups:
             ours = r.get(s)
             ref = paper.get(r["id"], (None, None))[0 if s == "mmlu" else 1]
-            cells.append(f"{'—' if ours is None else f'{100 * ours:.1f}'} / {'—' if ref is None else ref}")
+            mark = " (extra)" if s in r.get("extra_setups", ()) else ""
+            cells.append(
+                f"{'—' if ours is None else f'{100 * ours:.1f}'} / {'—' if ref is None else ref}{mark}"
+            )
         lines.append(f"| {r['label']} | {params} | " + " | ".join(cells) + " |")
+    if any(r.get("extra_setups") for r in results["rows"]):
+        lines += ["", "(extra): a run the released table scripts do not make (see results.json, `released`)."]
     return "\n".join(lines)
+
+
+def _check_released_launch(args: argparse.Namespace) -> None:
+    """Without --num_gpus a real run uses each row's released process count: refuse it, before any training,
+    on a machine with fewer GPUs (it would fail in the middle of the table otherwise)."""
+    import torch
+
+    need = max(
+        released_layout(args.table, s, r).processes for r in table_rows(args.table) for s in args.setups
+    )
+    have = torch.cuda.device_count()
+    if need > 1 and need > have:
+        raise MtLoraError(
+            f"the released launch of {args.table} uses {need} processes (one per GPU) and {have} GPU(s) are "
+            f"visible: pass --num_gpus {max(have, 1)} (the effective batch stays 32)"
+        )
 
 
 def main(argv: list[str]) -> int:
@@ -373,7 +566,14 @@ def main(argv: list[str]) -> int:
         default="paper",
         help="evaluation protocol (paper: comparable to the published numbers)",
     )
-    p.add_argument("--num_gpus", type=int, default=1)
+    p.add_argument(
+        "--num_gpus",
+        type=int,
+        default=None,
+        help="processes per training run (default: each row's released launch, 2 for BBH and 1 for MMLU; "
+        "--smoke: 1). Any N keeps the effective batch 32 (per-device batch kept where it fits, gradient "
+        "accumulation for the rest)",
+    )
     p.add_argument("--device", default=None, help="evaluation device (default: cuda if available)")
     p.add_argument(
         "--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print every command, run nothing"
@@ -414,6 +614,10 @@ def main(argv: list[str]) -> int:
                     raise MtLoraError(
                         f"{flag} {path}: not found (convert the data with `mtlora data ...`, see README)"
                     )
+    if args.num_gpus is not None and args.num_gpus < 1:
+        raise MtLoraError(f"--num_gpus {args.num_gpus}: must be >= 1")
+    if not args.dry_run and not args.smoke and args.num_gpus is None:
+        _check_released_launch(args)
     results = run_table(args)
     if args.dry_run:
         return 0

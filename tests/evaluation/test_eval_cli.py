@@ -216,13 +216,17 @@ def _script(name: str, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_top_level_scripts(tmp_path: Path) -> None:
+    """The paper's scripts default to the paper protocol (``mtlora eval`` keeps harness); every output names it."""
     done = _script(
         "eval_bbh.py",
         ["--model_name_or_path", TINY, "--output_dir", str(tmp_path), "--num_few_shot", "3", "--tasks", "navigate",
          "--limit", "2", "--max_new_tokens", "4", "--batch_size", "2", "--no_progress"],
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "bbh_results.json").read_text())["task_scores"].keys() == {"navigate"}
+    res = json.loads((tmp_path / "bbh_results.json").read_text())
+    assert res["task_scores"].keys() == {"navigate"} and res["protocol"] == "paper"
+    assert "BBH - protocol paper" in (tmp_path / "bbh_results.md").read_text()
+    assert "protocol paper" in done.stdout and "protocol: paper; results:" in done.stdout
     bad = _script(
         "eval_mmlu.py", ["--model_name_or_path", TINY, "--output_dir", str(tmp_path), "--subjects", "nope"]
     )
@@ -231,3 +235,22 @@ def test_top_level_scripts(tmp_path: Path) -> None:
         bad.stderr.strip().startswith("error: unknown subject 'nope'")
         and len(bad.stderr.strip().splitlines()) == 1
     )
+
+
+def test_protocol_defaults_per_entry_point(tmp_path: Path, capsys) -> None:
+    """eval_mmlu.py (in process) -> paper; mtlora eval mmlu -> harness; both name it in json, md and stdout."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_mmlu_script", REPO / "eval_mmlu.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = ["--model_name_or_path", TINY, "--subjects", "anatomy", "--limit", "2", "--no_progress"]
+    for entry, out, expected in (
+        (script.main, tmp_path / "script", "paper"),
+        (lambda a: _eval(["mmlu", *a]), tmp_path / "cli", "harness"),
+    ):
+        assert entry([*common, "--output_dir", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert json.loads((out / "mmlu_results.json").read_text())["protocol"] == expected
+        assert f"MMLU - protocol {expected}" in (out / "mmlu_results.md").read_text()
+        assert f"protocol {expected}" in printed and f"protocol: {expected}; results:" in printed

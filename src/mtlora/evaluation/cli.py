@@ -28,11 +28,21 @@ USAGE = """usage: mtlora eval {mmlu,bbh} --model_name_or_path M [--lora_checkpoi
   mmlu   MMLU, 57 subjects (5-shot from dev; --subjects s1,s2)
   bbh    BIG-Bench Hard, 27 tasks (3-shot; --tasks t1,t2; --cot for bbh_cot_fewshot)
 
-  --protocol harness (default, lm-evaluation-harness conventions) | paper (the released mtLoRA scripts)
+  --protocol harness (default, lm-evaluation-harness conventions) | paper (the released mtLoRA scripts;
+             the default of eval_bbh.py / eval_mmlu.py)
   mtlora eval mmlu --help   for every option"""
 
 
-def build_parser(benchmark: str, prog: str | None = None) -> argparse.ArgumentParser:
+#: Default ``--protocol`` of each entry point. The paper's own scripts (``eval_bbh.py`` / ``eval_mmlu.py``) must
+#: give numbers comparable with the paper when run "as written", so they default to the paper protocol;
+#: ``mtlora eval`` defaults to lm-evaluation-harness conventions. Every result names the protocol it used.
+PAPER_SCRIPT_PROTOCOL = "paper"
+MTLORA_EVAL_PROTOCOL = "harness"
+
+
+def build_parser(
+    benchmark: str, prog: str | None = None, default_protocol: str = MTLORA_EVAL_PROTOCOL
+) -> argparse.ArgumentParser:
     """Options shared by both benchmarks plus the benchmark's own (names follow the paper's scripts)."""
     p = argparse.ArgumentParser(
         prog=prog or f"mtlora eval {benchmark}",
@@ -52,8 +62,9 @@ def build_parser(benchmark: str, prog: str | None = None) -> argparse.ArgumentPa
     p.add_argument(
         "--protocol",
         choices=("harness", "paper"),
-        default="harness",
-        help="harness: lm-evaluation-harness conventions (default); paper: the released mtLoRA eval scripts",
+        default=default_protocol,
+        help=f"harness: lm-evaluation-harness conventions; paper: the released mtLoRA eval scripts "
+        f"(default here: {default_protocol})",
     )
     p.add_argument(
         "--num_few_shot", type=int, default=5 if benchmark == "mmlu" else 3, help="exemplars per prompt"
@@ -148,8 +159,16 @@ def _positive(name: str, value: int | None, allow_zero: bool = False) -> None:
         raise MtLoraError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
-    """Parse, validate, load data and model, evaluate, write ``<output_dir>/<benchmark>_results.json``."""
+def run(
+    benchmark: str,
+    argv: list[str],
+    prog: str | None = None,
+    default_protocol: str = MTLORA_EVAL_PROTOCOL,
+) -> int:
+    """Parse, validate, load data and model, evaluate, write ``<output_dir>/<benchmark>_results.json``.
+
+    ``default_protocol`` is the entry point's ``--protocol`` default (``paper`` for the paper's scripts).
+    """
     from mtlora.evaluation import data as D
 
     if "torch" not in sys.modules:
@@ -157,7 +176,7 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
         # foreign load we measured 22 s instead of 1.8 s for the same run. Sleeping waiters cost almost
         # nothing on an idle machine. Only effective before torch is imported; a user's setting wins.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser(benchmark, prog).parse_args(argv)
+    args = build_parser(benchmark, prog, default_protocol).parse_args(argv)
     _positive("num_few_shot", args.num_few_shot, allow_zero=True)
     _positive("batch_size", args.batch_size)
     _positive("limit", args.limit)
@@ -167,7 +186,10 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
     if benchmark == "bbh":
         _positive("max_new_tokens", args.max_new_tokens)
         if args.cot and args.protocol == "paper":
-            raise MtLoraError("--cot is a harness variant (bbh_cot_fewshot); the paper protocol has no CoT")
+            raise MtLoraError(
+                "--cot is a harness variant (bbh_cot_fewshot); the paper protocol has no CoT "
+                "(add --protocol harness)"
+            )
     known = D.MMLU_SUBJECTS if benchmark == "mmlu" else D.BBH_TASKS
     names = D.select_names(args.names, known, "subject" if benchmark == "mmlu" else "task")
     root = D.resolve_data_dir(benchmark, args.data_dir)
@@ -321,7 +343,7 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
             + "); --task_id overrides",
             file=sys.stderr,
         )
-    print(f"\nresults: {json_path}  ({timing['total_seconds']:.1f} s)")
+    print(f"\nprotocol: {args.protocol}; results: {json_path}  ({timing['total_seconds']:.1f} s)")
     return 0
 
 
