@@ -279,7 +279,9 @@ def test_adapter_loads_onto_another_precision_and_says_so_once(
     assert len(notes) == 1 and "4-bit nf4 + double quant base" in notes[0] and "16-bit" in notes[0]
     with torch.no_grad():
         on_16bit = full(input_ids=IDS).logits
-    assert 0 < _rel(on_16bit, on_4bit) < 0.3  # measured 0.20: the same adapter, only the base's storage differs
+    assert (
+        0 < _rel(on_16bit, on_4bit) < 0.3
+    )  # measured 0.20: the same adapter, only the base's storage differs
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mtlora"):
         _load(tiny_dir, 4, tmp_path / "adapter")  # same precision: nothing to say
@@ -381,9 +383,12 @@ def test_eval_analyze_export_accept_the_flags(trained_4bit: dict, tmp_path: Path
     assert cli_main(["analyze", "routing", "--adapter", adapter, "--data", str(trained_4bit["data"]),
                      "--output_dir", str(tmp_path / "an"), "--max_examples", "4", *quant]) == 0  # fmt: skip
     assert any((tmp_path / "an").iterdir())
-    with pytest.raises(MtLoraError, match=r"--merged with --load_in_kbits 4"):
-        cli_main(["export", adapter, "--output_dir", str(tmp_path / "x"), "--merged", "--calibration_data",
-                  str(trained_4bit["data"]), *quant])  # fmt: skip
+    # block adapters export from a 4-bit base too (a module attached with hooks, not a peft LoRA)
+    assert cli_main(["export", adapter, "--output_dir", str(tmp_path / "x"), "--calibration_data",
+                     str(trained_4bit["data"]), "--max_eval_per_task", "1", "--max_new_tokens", "2", *quant]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "x" / "report.json").read_text())
+    assert report["settings"]["base_quantization"] == Quantization(4).record()
+    assert set(report["tasks"]) == {"repeat", "twice"}
 
 
 def test_export_from_4bit_base_equals_plain_peft_on_4bit(tiny_dir: Path, tmp_path: Path) -> None:
@@ -414,6 +419,10 @@ def test_export_from_4bit_base_equals_plain_peft_on_4bit(tiny_dir: Path, tmp_pat
             quantization=Quantization(kbits),
         )  # fmt: skip
     assert reports[4]["settings"]["base_quantization"] == Quantization(4).record()
+    with pytest.raises(MtLoraError, match=r"--merged with --load_in_kbits 4: .* --load_in_kbits 16"):
+        export_adapter(tmp_path / "adapter", tmp_path / "xm", model_name_or_path=str(tiny_dir),
+                       calibration_data=tmp_path / "calib.json", merged=True, quantization=Quantization(4))  # fmt: skip
+    assert not (tmp_path / "xm").exists()  # refused before anything was loaded or written
     x4 = tmp_path / "x4" / reports[4]["tasks"]["repeat"]["dir"]
     # what the export computed its routing from: mtlora on the 4-bit base, routing frozen per task
     routed = _load(tiny_dir, 4, tmp_path / "adapter")
@@ -430,3 +439,33 @@ def test_export_from_4bit_base_equals_plain_peft_on_4bit(tiny_dir: Path, tmp_pat
     a4 = load_file(x4 / "adapter_model.safetensors")
     a16 = load_file(tmp_path / "x16" / reports[16]["tasks"]["repeat"]["dir"] / "adapter_model.safetensors")
     assert a4.keys() == a16.keys() and all(torch.allclose(a4[k], a16[k], atol=0.05) for k in a4)
+
+
+def test_lorahub_composes_on_a_4bit_base(tiny_dir: Path, tmp_path: Path) -> None:
+    from mtlora.data import save_records
+    from mtlora.export import write_peft_lora
+    from mtlora.lorahub import main as lorahub_main
+
+    base = _tiny_llama()
+    dirs = []
+    for seed in (1, 2):
+        gen = torch.Generator().manual_seed(seed)
+        modules = {
+            name: (torch.randn(4, m.in_features, generator=gen) * 0.1, torch.randn(m.out_features, 4, generator=gen) * 0.1)
+            for name, m in base.named_modules()
+            if name.endswith(("q_proj", "v_proj"))
+        }  # fmt: skip
+        dirs.append(
+            write_peft_lora(
+                tmp_path / f"lora{seed}", modules, lora_alpha=8.0, target_modules=["q_proj", "v_proj"]
+            )
+        )
+    recs = [{"instruction": "Repeat.", "input": w, "output": w, "task_type": "t"} for w in ("a", "b", "c")]
+    save_records(recs, tmp_path / "examples.json")
+    out = tmp_path / "composed"
+    argv = ["--lora_dirs", ",".join(map(str, dirs)), "--model_name_or_path", str(tiny_dir), "--examples",
+            str(tmp_path / "examples.json"), "--output_dir", str(out), "--budget", "4", "--load_in_kbits", "4"]  # fmt: skip
+    assert lorahub_main(argv) == 0
+    info = json.loads((out / "lorahub.json").read_text())
+    assert len(info["weights"]) == 2 and all(isinstance(w, float) for w in info["weights"])
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
