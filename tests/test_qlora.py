@@ -171,6 +171,8 @@ def test_quantized_linears_host_component_adapters(tiny_dir: Path, kbits: int) -
     assert hosts and all(is_quantized_linear(h) for _, h in hosts)
     for _, adapter in model.named_adapters():
         assert adapter.lora_A.dtype == torch.float32 and adapter.in_features == 64
+    full = get_mtlora_model(_load(tiny_dir, 16), MtLoraConfig(**CASES["hydralora"]))
+    assert model.get_nb_trainable_parameters() == full.get_nb_trainable_parameters()  # weights, not bytes
     # the adapted model equals the quantized base at init (B = 0), through the base= accumulation path
     with torch.no_grad():
         adapted = model(input_ids=IDS).logits

@@ -221,8 +221,15 @@ class MtLoraModel(nn.Module):
         return {n: p for n, p in self.base_model.state_dict(keep_vars=True).items() if marker in f".{n}"}
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        """(trainable, total) parameter counts; a 4-bit weight counts its weights, not its packed bytes."""
+
+        def count(p: torch.Tensor) -> int:
+            if type(p).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per storage byte
+                return p.numel() * 2 * p.element_size()
+            return p.numel()
+
+        trainable = sum(count(p) for p in self.parameters() if p.requires_grad)
+        total = sum(count(p) for p in self.parameters())
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
