@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One prepared GPU check (< 8 minutes on a single H200): bf16, random-initialised weights, no downloads.
+# One prepared GPU check (< 10 minutes on a single H200): bf16, random-initialised weights, no downloads.
 #   1. layer_speed at full shapes (d=4096, r=16, E=16, 2048 tokens; scalar and FGR) on CUDA
 #   2. train_step on a LLaMA-2-7B-shaped model (32 layers): lora, hydralora (q,v), block-FFN+FGR, full mtLoRA
 #   3. eval throughput (MMLU harness protocol on the bundled tiny model, GPU path)
+#   4. QLoRA memory: peak of a training step on a 16-bit vs 8-bit vs 4-bit base (LLaMA-2-7B shapes, 8 of the
+#      32 layers, full 32k vocabulary; needs bitsandbytes: pip install -e '.[qlora]')
 # Results land in benchmarks/results/*.json (and $OUT when run through the device tool).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +28,8 @@ echo "== eval throughput (cuda)"
 if [ -f benchmarks/eval_speed.py ]; then
   timeout 90 $PY benchmarks/eval_speed.py --device cuda --json "$OUTDIR/eval_speed_cuda.json" || echo "eval_speed failed: $?"
 fi
+echo "== qlora memory (cuda, bf16 compute; 16 vs 8 vs 4-bit base, 8 LLaMA-2-7B layers, 1 x 1024 tokens)"
+timeout 180 $PY benchmarks/qlora_memory.py --device cuda --dtype bfloat16 --layers 8 --vocab 32000 --tokens 1024 \
+  --batch 1 --gradient_checkpointing --adapter mtlora --kbits 16,8,4 \
+  --out "$OUTDIR/qlora_memory_cuda.json" || echo "qlora_memory failed: $?"
 ls -l "$OUTDIR"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create a virtual environment and install mtlora with its test extras.
+# Create a virtual environment and install mtlora with its test, eval and qlora (bitsandbytes) extras.
 # On machines without CUDA the CPU build of torch is installed first (pinned), so that the loose
 # `torch` requirement of the package does not pull several GB of CUDA wheels.
 set -euo pipefail
@@ -19,4 +19,4 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
       || "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==${TORCH_CPU_VERSION}" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,eval]"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,eval,qlora]"

@@ -27,6 +27,7 @@ def test_gpu_check_flags_exist_in_each_benchmark() -> None:
         "benchmarks/layer_speed.py",
         "benchmarks/train_step.py",
         "benchmarks/eval_speed.py",
+        "benchmarks/qlora_memory.py",
     }
     for script, flags in calls:
         helptext = subprocess.run(

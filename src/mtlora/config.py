@@ -322,6 +322,7 @@ class MtLoraConfig(PeftConfig):
                 f"{source}: peft_type={peft_type!r} is not an mtlora adapter (expected {PEFT_TYPE!r})"
             )
         data.pop("mtlora_version", None)
+        data.pop("base_quantization", None)  # how the base was stored in training (mtlora.quant), not a flag
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")

@@ -57,6 +57,8 @@ from mtlora.hub import (
     resolve_adapter_dir,
     resolve_model_path,
 )
+from mtlora.quant import add_quantization_arguments, is_quantized_linear
+from mtlora.quant import from_args as quantization_from_args
 
 if TYPE_CHECKING:
     from mtlora.layers import MultiExpertLoRA
@@ -714,6 +716,12 @@ def save_merged_model(
     from mtlora.placement import ADAPTER_ATTR
 
     hosts = _component_adapters(model)
+    quantized = [name for name, host, _ in hosts if is_quantized_linear(host)]
+    if quantized:
+        raise MtLoraError(
+            f"{quantized[0]}: cannot save a merged model of a quantized base (packed weights take no delta); "
+            "merge into the unquantized base (--load_in_kbits 16)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = model.base_model
@@ -891,8 +899,14 @@ def export_adapter(
     max_new_tokens: int = 64,
     device: str = "cpu",
     dtype: str = "float32",
+    quantization: Any = None,
 ) -> dict[str, Any]:
     """Export an mtlora adapter per task and write ``report.json``; returns the report (see module docstring).
+
+    ``quantization`` (:class:`mtlora.quant.Quantization`, ``--load_in_kbits``) loads a 4/8-bit base: the
+    exported LoRAs are the same (they do not depend on the base's storage), the report's numbers are those of
+    the quantized model, and ``merged`` is refused (packed weights cannot take a delta; merge into the
+    16-bit base).
 
     Calibration uses ``calibration_data`` (records with ``task_type``). Without ``eval_data`` the last
     ``eval_fraction`` of each task's calibration records is held out for the report and not calibrated on.
@@ -912,6 +926,12 @@ def export_adapter(
     block = bool(mt_cfg.enable_block_adapter)
     if merged and block:  # checked before loading anything
         raise MtLoraError(f"--merged: {BLOCK_NOT_PEFT}")
+    if merged and quantization is not None and quantization.enabled:
+        raise MtLoraError(
+            f"--merged with --load_in_kbits {quantization.load_in_kbits}: a merged model is the base's weights "
+            "plus each task's delta, and a quantized base has packed weights; export with --load_in_kbits 16 "
+            "to merge into the unquantized base (the adapters do not depend on how the base is stored)"
+        )
     loaded = load_model(
         model_name_or_path,
         adapter_dir,
@@ -920,6 +940,7 @@ def export_adapter(
         mtlora_only=True,
         tokenizer_from_adapter=True,
         freeze=False,
+        quantization=quantization,
     )
     model, tokenizer, base_name = loaded.model, loaded.tokenizer, loaded.model_name_or_path
 
@@ -997,6 +1018,7 @@ def export_adapter(
             "template": template,
             "max_new_tokens": max_new_tokens,
             "dtype": dtype,
+            "base_quantization": loaded.quantization.record(),
         },
         "tasks": {},
     }
@@ -1140,6 +1162,7 @@ def build_parser(prog: str = "mtlora export") -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    add_quantization_arguments(p)
     return p
 
 
@@ -1173,6 +1196,7 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         device=device,
         dtype=args.dtype,
+        quantization=quantization_from_args(args),
     )
     print(f"{report['method']} ({report['level']}) -> {report['export_format']} in {args.output_dir}")
     for task, e in report["tasks"].items():

@@ -174,6 +174,7 @@ class LoadedBase:
     adapter_config: dict[str, Any] | None = None
     method: str | None = None  # lora / hydralora / mmoelora / mtlora / peft:<TYPE>; None for the bare base
     task_map: dict[str, int] = field(default_factory=dict)
+    quantization: Any = None  # mtlora.quant.Quantization of the base (16 bit: not quantized)
 
 
 def load_model(
@@ -185,6 +186,7 @@ def load_model(
     mtlora_only: bool = False,
     tokenizer_from_adapter: bool = False,
     freeze: bool = True,
+    quantization: Any = None,
 ) -> LoadedBase:
     """Tokenizer + base model (+ adapter) on ``device``, in eval mode.
 
@@ -195,6 +197,8 @@ def load_model(
     * ``device`` defaults to CUDA when available, ``dtype`` to fp32 on CPU and bf16 elsewhere.
     * ``tokenizer_from_adapter``: use the tokenizer saved beside the adapter when there is one.
     * ``freeze``: ``requires_grad=False`` on every parameter (analyses that need gradients pass False).
+    * ``quantization``: a :class:`mtlora.quant.Quantization` (``--load_in_kbits 4|8``) stores the base's
+      linears in 4/8 bit with ``dtype`` as the compute dtype; the adapter loads onto it unchanged.
 
     Errors name the flag or file: an unknown model, an adapter that does not fit the base (key and shapes),
     a missing CUDA device, a bad dtype.
@@ -215,6 +219,10 @@ def load_model(
         raise MtLoraError(f"--device {device}: CUDA is not available on this machine")
     dtype = dtype or default_dtype(device)
     dt = torch_dtype(dtype)
+    from mtlora.quant import Quantization, from_pretrained_kwargs
+
+    quant = quantization if quantization is not None else Quantization()
+    quant_kwargs = from_pretrained_kwargs(quant, dt, device)  # checks bitsandbytes first: one clear error
 
     path = resolve_model_path(name)
     bar_was_on = hf_logging.is_progress_bar_enabled()
@@ -222,7 +230,7 @@ def load_model(
     try:
         has_tok = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(adapter_dir if tokenizer_from_adapter and has_tok else path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **quant_kwargs)
     except OSError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise MtLoraError(f"cannot load model {name!r}: {first}") from None
@@ -247,7 +255,8 @@ def load_model(
                 raise
             raise CheckpointError(f"{adapter_dir}: adapter does not fit {name}: {exc}") from None
         task_map = _read_task_ids(adapter_dir / TASK_MAP)
-    model.to(device)
+    if not quant.enabled:  # a quantized base was placed on `device` while loading (8 bit cannot be moved)
+        model.to(device)
     model.eval()
     if freeze:
         for p in model.parameters():
@@ -262,4 +271,5 @@ def load_model(
         adapter_config=cfg,
         method=method,
         task_map=task_map,
+        quantization=quant,
     )

@@ -61,6 +61,8 @@ from mtlora.export import (
     read_peft_lora,
     write_peft_lora,
 )
+from mtlora.quant import add_quantization_arguments
+from mtlora.quant import from_args as quantization_from_args
 
 if TYPE_CHECKING:
     from mtlora.config import MtLoraConfig
@@ -704,6 +706,7 @@ def build_parser(prog: str = "mtlora lorahub") -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    add_quantization_arguments(p)
     return p
 
 
@@ -715,14 +718,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_examples < 1:
         raise MtLoraError("--max_examples must be >= 1")
     out = Path(args.output_dir)
+    quant = quantization_from_args(args)
     if args.lora_dirs:
         dirs = [Path(d.strip()) for d in args.lora_dirs.split(",") if d.strip()]
     else:
+        # the task LoRAs train on the same (quantized) base they are composed on; --train_args flags win
+        quant_argv = [
+            "--load_in_kbits", str(quant.load_in_kbits), "--double_quant", str(quant.double_quant),
+            "--quant_type", quant.quant_type,
+        ]  # fmt: skip
         trained = train_task_loras(
             args.train_dataset,
             args.model_name_or_path,
             out / "loras",
-            train_argv=shlex.split(args.train_args),
+            train_argv=quant_argv + shlex.split(args.train_args),
         )
         dirs = list(trained.values())
         print(f"trained {len(dirs)} task LoRAs under {out / 'loras'}")
@@ -732,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         if not examples:
             raise MtLoraError(f"--task {args.task!r}: no example has this task_type in {args.examples}")
     examples = examples[: args.max_examples]
-    loaded = load_model(args.model_name_or_path, device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model_name_or_path, device=args.device, dtype=args.dtype, quantization=quant)
     model, tokenizer = loaded.model, loaded.tokenizer
     loras = [read_peft_lora(d) for d in dirs]
     result, composed = compose(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -42,8 +43,12 @@ from mtlora.placement import (
     hidden_size_of,
     iter_hosts,
 )
+from mtlora.quant import RECORD_KEY as QUANT_RECORD_KEY
+from mtlora.quant import Quantization, quantization_of
 from mtlora.routing import num_groups_for
 from mtlora.saved_modules import SavedModules
+
+logger = logging.getLogger("mtlora")
 
 
 def _host_device(host: nn.Module) -> torch.device:
@@ -140,6 +145,9 @@ class MtLoraModel(nn.Module):
     # The HF Trainer must not pass ``num_items_in_batch``: the loss is a per-micro-batch mean plus auxiliary
     # terms, all of which the Trainer then scales by 1/gradient_accumulation_steps.
     accepts_loss_kwargs = False
+    # Tells transformers' Trainer that trainable adapters sit on this base: its quantization check refuses a
+    # quantized (QLoRA) model that is neither a peft.PeftModel nor flagged so. Saving stays ours (adapter only).
+    _hf_peft_config_loaded = True
 
     def __init__(self, base_model: nn.Module, config: MtLoraConfig) -> None:
         super().__init__()
@@ -225,8 +233,15 @@ class MtLoraModel(nn.Module):
         return out
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        """(trainable, total) parameter counts; a 4-bit weight counts its weights, not its packed bytes."""
+
+        def count(p: torch.Tensor) -> int:
+            if type(p).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per storage byte
+                return p.numel() * 2 * p.element_size()
+            return p.numel()
+
+        trainable = sum(count(p) for p in self.parameters() if p.requires_grad)
+        total = sum(count(p) for p in self.parameters())
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -334,8 +349,17 @@ class MtLoraModel(nn.Module):
             p.requires_grad_(self._requires_grad_backup.get(n, p.requires_grad))
         return base
 
-    def merge_and_unload(self) -> nn.Module:
-        """Fold single-expert component adapters into their Linear weights (W += scaling·B·A), then unload."""
+    def merge_and_unload(self, *, dequantize: bool = False) -> nn.Module:
+        """Fold single-expert component adapters into their Linear weights (W += scaling·B·A), then unload.
+
+        A quantized base (``--load_in_kbits 4|8``) stores packed integers, not a matrix one can add to, so
+        merging is refused unless ``dequantize=True``: then every quantized linear of the base is replaced by
+        an ordinary ``nn.Linear`` holding its dequantized weight (in the compute dtype, transformers'
+        ``dequantize()``) and the deltas are added to those - the merged model computes what the adapted
+        quantized model computed, at 16/32-bit size.
+        """
+        from mtlora.quant import is_quantized_linear
+
         deltas = []
         for name, host, adapter in iter_hosts(self.base_model):
             if not isinstance(host, nn.Linear):
@@ -343,12 +367,23 @@ class MtLoraModel(nn.Module):
                     f"{name}: block-level adapters add a parallel path over a whole block and cannot be merged "
                     "into existing weights; export them instead (mtlora export)"
                 )
-            deltas.append((host, adapter.delta_weight()))  # raises for routed adapters
-        with torch.no_grad():
-            for host, dw in deltas:
-                host.weight.add_(dw.to(host.weight.dtype))
+            if is_quantized_linear(host) and not dequantize:
+                raise MtLoraError(
+                    f"{name}: the base is quantized ({quantization_of(self.base_model).describe()}); adding the "
+                    "adapter to its packed weights would write a wrong model. Merge into the unquantized base "
+                    "(load it with --load_in_kbits 16), or merge_and_unload(dequantize=True) to merge into "
+                    "dequantized weights"
+                )
+            deltas.append((name, adapter.delta_weight()))  # raises for routed adapters
         self.saved_modules.keep_trained()  # a merged model keeps its trained modules_to_save (as peft's)
-        return self.unload()
+        base = self.unload()
+        if dequantize and quantization_of(base).enabled:
+            base = base.dequantize()
+        with torch.no_grad():
+            for name, dw in deltas:
+                weight = base.get_submodule(name).weight
+                weight.add_(dw.to(device=weight.device, dtype=weight.dtype))
+        return base
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str | os.PathLike[str], **extra_config: Any) -> None:
@@ -358,6 +393,7 @@ class MtLoraModel(nn.Module):
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
         cfg = self.mtlora_config.to_dict()
         cfg["mtlora_version"] = __version__
+        cfg[QUANT_RECORD_KEY] = quantization_of(self.base_model).record()
         cfg.update(extra_config)
         _atomic_write(
             out / WEIGHTS_NAME,
@@ -406,6 +442,7 @@ class MtLoraModel(nn.Module):
             raise CheckpointError(f"{adapter_dir}: adapter directory not found")
         config = MtLoraConfig.from_json_file(adapter_dir / CONFIG_NAME)
         config.inference_mode = not is_trainable
+        _note_precision_change(adapter_dir / CONFIG_NAME, base_model)
         model = cls(base_model, config)
         model.load_adapter_weights(adapter_dir / WEIGHTS_NAME)
         if not is_trainable:
@@ -413,6 +450,23 @@ class MtLoraModel(nn.Module):
             for p in model.parameters():
                 p.requires_grad_(False)
         return model
+
+
+def _note_precision_change(config_path: Path, base_model: nn.Module) -> None:
+    """Log once when an adapter trained on one base precision is loaded onto another (it works: the adapter
+    weights do not depend on how the base is stored, but scores can shift slightly, so say it)."""
+    raw = json.loads(config_path.read_text())
+    if QUANT_RECORD_KEY not in raw:  # saved before the field existed: nothing to compare with
+        return
+    trained = Quantization.from_record(raw[QUANT_RECORD_KEY], source=str(config_path))
+    now = quantization_of(base_model)
+    if trained != now:
+        logger.warning(
+            "%s: adapter trained on a %s base, loaded onto a %s base",
+            config_path.parent,
+            trained.describe(),
+            now.describe(),
+        )
 
 
 def get_mtlora_model(model: nn.Module, config: MtLoraConfig) -> MtLoraModel:

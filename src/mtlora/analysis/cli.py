@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from mtlora.errors import MtLoraError
+from mtlora.quant import add_quantization_arguments
+from mtlora.quant import from_args as quantization_from_args
 
 ANALYSES = ("routing", "spectral", "gradients", "all")
 logger = logging.getLogger("mtlora.analysis")
@@ -70,6 +72,7 @@ def build_parser(prog: str = "mtlora analyze") -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", default=None, help="base model dtype (default: float32 on CPU, bfloat16 on GPU)"
     )
+    add_quantization_arguments(p)
     return p
 
 
@@ -131,7 +134,12 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         if not todo & {"routing", "gradients"}:
             continue
         loaded = load_adapter(
-            adapter_dir, args.model_name_or_path, device=args.device, dtype=args.dtype, label=label
+            adapter_dir,
+            args.model_name_or_path,
+            device=args.device,
+            dtype=args.dtype,
+            label=label,
+            quantization=quantization_from_args(args),
         )
         data = prepare_task_batches(
             args.data,

@@ -183,16 +183,24 @@ def load_adapter(
     device: str | None = None,
     dtype: str | None = None,
     label: str | None = None,
+    quantization: Any = None,
 ) -> LoadedAdapter:
     """Base model + adapter in eval mode, all parameters frozen (gradients re-enable the adapter's).
 
     ``model_name_or_path`` defaults to the base model the adapter records (``mtlora train`` writes it), so a
     trained folder analyses with no other flag. fp32 on CPU (bf16 matmuls are slow there), bf16 on GPU.
+    ``quantization`` (:class:`mtlora.quant.Quantization`) loads a 4/8-bit base (``--load_in_kbits``).
     """
     from mtlora.hub import load_model
 
     loaded = load_model(
-        model_name_or_path, adapter_dir, device=device, dtype=dtype, mtlora_only=True, freeze=False
+        model_name_or_path,
+        adapter_dir,
+        device=device,
+        dtype=dtype,
+        mtlora_only=True,
+        freeze=False,
+        quantization=quantization,
     )
     assert loaded.adapter_dir is not None and loaded.adapter_config is not None
     return LoadedAdapter(

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from mtlora.errors import MtLoraError
+from mtlora.quant import add_quantization_arguments
+from mtlora.quant import from_args as quantization_from_args
 
 USAGE = """usage: mtlora eval {mmlu,bbh} --model_name_or_path M [--lora_checkpoint A] --output_dir E [options]
 
@@ -115,6 +117,7 @@ def build_parser(
     )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--logging_dir", default=None, help="also copy the result files here (paper flag)")
+    add_quantization_arguments(p)
     # Paper flag, accepted so the released scripts run; evaluation uses one device.
     p.add_argument("--num_gpus", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
@@ -232,8 +235,14 @@ def run(
     from mtlora.evaluation.loading import load_model_for_eval, model_max_length
     from mtlora.evaluation.report import markdown_table, run_metadata, write_json
 
+    quant = quantization_from_args(args)
     loaded = load_model_for_eval(
-        args.model_name_or_path, args.lora_checkpoint, args.device, args.dtype, task_id=args.task_id
+        args.model_name_or_path,
+        args.lora_checkpoint,
+        args.device,
+        args.dtype,
+        task_id=args.task_id,
+        quantization=quant,
     )
     load_seconds = time.perf_counter() - t0
     max_length = args.max_length or model_max_length(loaded)
@@ -257,6 +266,7 @@ def run(
         "data_dir": data_label,
         "auto_batch": args.auto_batch,
         "fallback_batch_size": args.fallback_batch_size,
+        "base_quantization": quant.record(),
     }
     if benchmark == "mmlu":
         settings["adaptive_max_length"] = adaptive

@@ -63,6 +63,7 @@ def load_model_for_eval(
     device: str | None = None,
     dtype: str | None = None,
     task_id: int | None = None,
+    quantization: Any = None,
 ) -> LoadedModel:
     """Load tokenizer, base model and adapter (:func:`mtlora.hub.load_model`), frozen, in ``eval()`` mode.
 
@@ -70,13 +71,16 @@ def load_model_for_eval(
       adapter's recorded ``base_model_name_or_path`` is used, so a checkpoint from ``mtlora train``
       evaluates with no other flag.
     * ``task_id`` forces the MMoELoRA task id (see :meth:`LoadedModel.task_id_for`).
+    * ``quantization`` (:class:`mtlora.quant.Quantization`, ``--load_in_kbits``) quantizes the base.
     * The adapter method is read from ``adapter_config.json`` (``method`` field: mtlora's own format;
       otherwise a ``peft_type`` means a plain peft adapter). An adapter that does not fit the base model
       raises :class:`CheckpointError` with the offending key and shapes (one line at the CLI).
     """
     from mtlora.hub import load_model
 
-    loaded = load_model(model_name_or_path, lora_checkpoint, device=device, dtype=dtype)
+    loaded = load_model(
+        model_name_or_path, lora_checkpoint, device=device, dtype=dtype, quantization=quantization
+    )
     cfg = loaded.adapter_config or {}
     general = loaded.method == "mmoelora" and bool(cfg.get("mmoelora_general_task"))
     return LoadedModel(

@@ -69,7 +69,14 @@ class ModelArguments:
         "Use the token saved by `hf auth login` for private hub models (paper flag; token=True).",
         default=False,
     )
-    load_in_kbits: int = _help("Paper flag; only 16 (no quantisation) is supported.", default=16)
+    load_in_kbits: int = _help(
+        "Store the frozen base's linears in 4 bit (QLoRA: NF4/FP4), 8 bit (LLM.int8) or 16 (not quantized); "
+        "4 and 8 need bitsandbytes (pip install 'mtlora[qlora]'). Matmuls run in the --bf16/--fp16/fp32 "
+        "compute dtype; adapters stay in --adapter_dtype.",
+        default=16,
+    )
+    double_quant: bool = _help("4 bit: also quantize the quantization statistics (paper flag).", default=True)
+    quant_type: str = _help("4-bit data type: nf4 | fp4 (paper flag).", default="nf4")
 
 
 @dataclass
@@ -256,10 +263,9 @@ def parse_train_args(
         raise ConfigError("give the training data with --dataset_dir DIR or --train_file FILE")
     if data_args.template not in ("paper", "chat"):
         raise ConfigError(f"--template {data_args.template!r}: must be paper or chat")
-    if model_args.load_in_kbits != 16:
-        raise ConfigError(
-            f"--load_in_kbits {model_args.load_in_kbits}: quantised base models are not supported (use 16)"
-        )
+    from mtlora.quant import from_args
+
+    from_args(model_args)  # --load_in_kbits / --quant_type: a bad value fails before anything loads
     if train_args.trainable:
         adapter.target_modules = [t.strip() for t in train_args.trainable.split(",") if t.strip()]
         adapter.validate()

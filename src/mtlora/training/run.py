@@ -141,11 +141,23 @@ def _hub_kwargs(model_args: ModelArguments) -> dict[str, Any]:
     return kwargs
 
 
+def _compute_dtype(train_args: MtLoraTrainingArguments) -> torch.dtype:
+    """Dtype a quantized base's matmuls run in: the mixed-precision flag, as the released script chose it."""
+    if train_args.fp16:
+        return torch.float16
+    return torch.bfloat16 if train_args.bf16 else torch.float32
+
+
 def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArguments) -> tuple[Any, Any]:
-    """(model, tokenizer) with the tokenizer defaulting to the model's (the paper code crashed without one)."""
+    """(model, tokenizer) with the tokenizer defaulting to the model's (the paper code crashed without one).
+
+    With ``--load_in_kbits 4|8`` the base is quantized while loading onto this process's device and
+    prepared for k-bit training (:mod:`mtlora.quant`); the Trainer then leaves it where it is.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from mtlora.hub import load_tokenizer, resolve_model_path
+    from mtlora.quant import from_args, from_pretrained_kwargs, prepare_for_kbit_training
 
     path = resolve_model_path(model_args.model_name_or_path)
     if os.path.isdir(path) and not Path(path, "config.json").is_file():
@@ -180,10 +192,14 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
         kwargs["attn_implementation"] = attn
     if model_args.model_revision != "main":
         kwargs["revision"] = model_args.model_revision
+    quant = from_args(model_args)
+    kwargs.update(from_pretrained_kwargs(quant, _compute_dtype(train_args), str(train_args.device)))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ConfigError(f"--model_name_or_path {path}: cannot load the model ({exc})") from None
+    if quant.enabled:
+        model = prepare_for_kbit_training(model)
     model.config.use_cache = False
     return model, tokenizer
 
