@@ -416,6 +416,10 @@ def read_peft_lora(path: str | Path) -> PeftLora:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
+    except RecursionError:
+        raise CheckpointError(f"{cfg_path}: JSON nested too deeply to parse") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
     if str(cfg.get("peft_type", "")).upper() != "LORA":
         raise CheckpointError(
             f"{cfg_path}: peft_type={cfg.get('peft_type')!r}, expected 'LORA'"

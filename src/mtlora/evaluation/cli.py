@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlora.errors import MtLoraError
+from mtlora.outputs import add_safety_flags, check_output_dir
 
 USAGE = """usage: mtlora eval {mmlu,bbh} --model_name_or_path M [--lora_checkpoint A] --output_dir E [options]
 
@@ -103,7 +104,38 @@ def build_parser(benchmark: str, prog: str | None = None) -> argparse.ArgumentPa
     p.add_argument("--logging_dir", default=None, help="also copy the result files here (paper flag)")
     # Paper flag, accepted so the released scripts run; evaluation uses one device.
     p.add_argument("--num_gpus", type=int, default=None, help=argparse.SUPPRESS)
+    add_safety_flags(p)
     return p
+
+
+def _result_files(benchmark: str) -> list[str]:
+    return [f"{benchmark}_results.json", f"{benchmark}_results.md"]
+
+
+def _check_max_length(
+    max_length: int | None,
+    model_name_or_path: str | None,
+    lora_checkpoint: str | None,
+    trust_remote_code: bool,
+) -> None:
+    """Refuse a ``--max_length`` beyond the model's position table before the weights are loaded: prompts
+    past it run on positions the model never had (learned tables fail, RoPE silently extrapolates)."""
+    if max_length is None:
+        return
+    from mtlora.evaluation.loading import config_max_positions
+    from mtlora.hub import read_adapter_config
+
+    name = model_name_or_path
+    if name is None and lora_checkpoint:
+        name = read_adapter_config(lora_checkpoint).get("base_model_name_or_path")
+    if not name:
+        return
+    limit = config_max_positions(name, trust_remote_code=trust_remote_code)
+    if limit is not None and max_length > limit:
+        raise MtLoraError(
+            f"--max_length {max_length}: the model has {limit} positions (max_position_embeddings); "
+            f"use --max_length {limit} or less (default: {limit})"
+        )
 
 
 def _positive(name: str, value: int | None, allow_zero: bool = False) -> None:
@@ -131,12 +163,17 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
         if args.cot and args.protocol == "paper":
             raise MtLoraError("--cot is a harness variant (bbh_cot_fewshot); the paper protocol has no CoT")
     known = D.MMLU_SUBJECTS if benchmark == "mmlu" else D.BBH_TASKS
-    names = D.select_names(args.names, known, "subject" if benchmark == "mmlu" else "task")
+    flag = "--subjects" if benchmark == "mmlu" else "--tasks"
+    names = D.select_names(args.names, known, "subject" if benchmark == "mmlu" else "task", flag)
     root = D.resolve_data_dir(benchmark, args.data_dir)
     if args.lora_checkpoint:
         from mtlora.evaluation.loading import read_adapter_config
 
         read_adapter_config(args.lora_checkpoint)  # missing folder / config: fail before loading anything
+    for flag, folder in (("--output_dir", args.output_dir), ("--logging_dir", args.logging_dir)):
+        if folder:
+            check_output_dir(folder, _result_files(benchmark), overwrite=args.overwrite_output_dir, flag=flag)
+    _check_max_length(args.max_length, args.model_name_or_path, args.lora_checkpoint, args.trust_remote_code)
 
     t0 = time.perf_counter()
     if benchmark == "mmlu":
@@ -157,12 +194,18 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from mtlora.atomic import write_text_atomic
     from mtlora.evaluation.engine import Engine
     from mtlora.evaluation.loading import load_model_for_eval, model_max_length
     from mtlora.evaluation.report import markdown_table, run_metadata, write_json
 
     loaded = load_model_for_eval(
-        args.model_name_or_path, args.lora_checkpoint, args.device, args.dtype, task_id=args.task_id
+        args.model_name_or_path,
+        args.lora_checkpoint,
+        args.device,
+        args.dtype,
+        task_id=args.task_id,
+        trust_remote_code=args.trust_remote_code,
     )
     load_seconds = time.perf_counter() - t0
     max_length = args.max_length or model_max_length(loaded)
@@ -231,7 +274,7 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
         + (f" + {loaded.lora_checkpoint} ({loaded.adapter_method})" if loaded.lora_checkpoint else "")
     )
     table = markdown_table(title, rows, summary, name_header)
-    (out_dir / f"{benchmark}_results.md").write_text(table + "\n", encoding="utf-8")
+    write_text_atomic(out_dir / f"{benchmark}_results.md", table + "\n")
     if args.logging_dir:
         import shutil
 

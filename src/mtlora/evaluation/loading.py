@@ -13,6 +13,7 @@ from mtlora.hub import read_adapter_config, resolve_adapter_dir
 
 __all__ = [
     "LoadedModel",
+    "config_max_positions",
     "load_model_for_eval",
     "model_max_length",
     "read_adapter_config",
@@ -60,6 +61,7 @@ def load_model_for_eval(
     device: str | None = None,
     dtype: str | None = None,
     task_id: int | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load tokenizer, base model and adapter (:func:`mtlora.hub.load_model`), frozen, in ``eval()`` mode.
 
@@ -73,7 +75,9 @@ def load_model_for_eval(
     """
     from mtlora.hub import load_model
 
-    loaded = load_model(model_name_or_path, lora_checkpoint, device=device, dtype=dtype)
+    loaded = load_model(
+        model_name_or_path, lora_checkpoint, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     return LoadedModel(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
@@ -88,9 +92,8 @@ def load_model_for_eval(
     )
 
 
-def model_max_length(loaded: LoadedModel, default: int = 2048) -> int:
-    """Context length the way lm-evaluation-harness resolves it (config, then tokenizer, then default)."""
-    config = getattr(loaded.model, "config", None)
+def _positions(config: Any) -> int | None:
+    """The position-table size a model config declares (text config first, for multimodal models)."""
     text_config = getattr(config, "text_config", None)
     for cfg in (text_config, config):
         if cfg is None:
@@ -99,6 +102,30 @@ def model_max_length(loaded: LoadedModel, default: int = 2048) -> int:
             value = getattr(cfg, attr, None)
             if isinstance(value, int) and value > 0:
                 return value
+    return None
+
+
+def config_max_positions(model_name_or_path: str, *, trust_remote_code: bool = False) -> int | None:
+    """Positions of a model read from its config alone (no weights), or None when the config says nothing
+    or cannot be read here (the model load then reports the problem)."""
+    from transformers import AutoConfig
+
+    from mtlora.hub import resolve_model_path
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_model_path(model_name_or_path), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError):
+        return None
+    return _positions(config)
+
+
+def model_max_length(loaded: LoadedModel, default: int = 2048) -> int:
+    """Context length the way lm-evaluation-harness resolves it (config, then tokenizer, then default)."""
+    value = _positions(getattr(loaded.model, "config", None))
+    if value is not None:
+        return value
     tok_max = getattr(loaded.tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < 10**9:
         return tok_max

@@ -19,6 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from mtlora.config import _HIDDEN_FLAGS, MtLoraConfig
 from mtlora.errors import ConfigError
+from mtlora.training.validation import precheck_argv, validate_train_args
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -146,10 +147,14 @@ def parse_train_args(
     ns, rest = pre.parse_known_args(argv)
     if ns.config:
         rest = _config_file_argv(ns.config) + rest
+    precheck_argv(rest)
     try:
         model_args, data_args, adapter, train_args = parser.parse_args_into_dataclasses(args=rest)
     except SystemExit as exc:  # argparse already printed the problem
         raise ConfigError("invalid command line (see the message above)") from exc
+    except ImportError as exc:  # a flag whose package is missing (transformers checks while building them)
+        raise ConfigError(f"invalid command line: {str(exc).strip().splitlines()[0]}") from None
+    validate_train_args(model_args, data_args, adapter, train_args)
     if model_args.model_name_or_path is None:
         raise ConfigError("--model_name_or_path is required")
     if train_args.output_dir is None:

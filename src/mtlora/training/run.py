@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from mtlora.atomic import atomic_dir, write_text_atomic
 from mtlora.config import MtLoraConfig
-from mtlora.errors import ConfigError
+from mtlora.errors import ConfigError, MtLoraError
 from mtlora.hub import DTYPES, torch_dtype
 from mtlora.training.arguments import DataArguments, ModelArguments, MtLoraTrainingArguments
 
@@ -82,6 +83,11 @@ def _base_dtype(model_args: ModelArguments, train_args: MtLoraTrainingArguments)
     return torch.float32
 
 
+def _looks_local(path: str) -> bool:
+    """A path the user meant as a folder (absolute, ./ ../ ~, or more than one /), not a hub id ``org/name``."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep in path[:1]
+
+
 def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArguments) -> tuple[Any, Any]:
     """(model, tokenizer) with the tokenizer defaulting to the model's (the paper code crashed without one)."""
     from transformers import AutoModelForCausalLM
@@ -91,10 +97,16 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
     path = resolve_model_path(model_args.model_name_or_path)
     if os.path.isdir(path) and not Path(path, "config.json").is_file():
         raise ConfigError(f"--model_name_or_path {path}: no config.json in this folder")
+    if not os.path.isdir(path) and _looks_local(path):
+        raise ConfigError(f"--model_name_or_path {path}: no such folder")
     tok_path = model_args.tokenizer_name_or_path or model_args.tokenizer_name or path
-    tokenizer = load_tokenizer(
-        tok_path, use_fast=model_args.use_fast_tokenizer, trust_remote_code=model_args.trust_remote_code
-    )
+    try:
+        tokenizer = load_tokenizer(
+            tok_path, use_fast=model_args.use_fast_tokenizer, trust_remote_code=model_args.trust_remote_code
+        )
+    except OSError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"--tokenizer_name_or_path {tok_path}: cannot load the tokenizer ({first})") from None
     attn = "flash_attention_2" if model_args.flash_attn else model_args.attn_implementation
     kwargs: dict[str, Any] = {
         "dtype": _base_dtype(model_args, train_args),
@@ -117,10 +129,11 @@ def load_training_data(
 ):
     """(train dataset, eval dataset or None, task map, data files) - every record validated up front."""
     from mtlora.data import build_task_map, cached_tokenize, load_records
+    from mtlora.data.records import record_files
 
-    sources = [data_args.train_file] if data_args.train_file else [data_args.dataset_dir]
-    records = load_records(sources[0])
-    if data_args.max_train_samples:
+    source = data_args.train_file or data_args.dataset_dir
+    records = load_records(source)
+    if data_args.max_train_samples is not None:  # >= 1, checked at parse time
         records = records[: data_args.max_train_samples]
     eval_records = load_records(data_args.validation_file) if data_args.validation_file else None
     if task_map is None:
@@ -138,10 +151,28 @@ def load_training_data(
             task_map,
             cache_dir=cache_root,
         )
-    files = [Path(sources[0])] if Path(sources[0]).is_file() else sorted(Path(sources[0]).glob("*.json*"))
+    files = record_files(source)  # exactly the files load_records read (the manifest hashes them)
     if data_args.validation_file:
         files.append(Path(data_args.validation_file))
     return train, evald, task_map, files
+
+
+def save_final_adapter(model: Any, adapter_dir: Path, tokenizer: Any, task_map: dict[str, int]) -> None:
+    """Write ``sft_lora_model`` as a unit (adapter, config, tokenizer, task map; :func:`mtlora.atomic.atomic_dir`).
+
+    A kill or a failure (full disk, permissions) at any point leaves the previous adapter folder intact; a
+    failure is one ``error:`` line naming the folder (the training itself is in the checkpoints).
+    """
+    from mtlora.training.trainer import save_adapter
+
+    try:
+        with atomic_dir(adapter_dir) as tmp:
+            save_adapter(model, tmp, tokenizer, task_map)
+    except OSError as exc:
+        raise MtLoraError(
+            f"cannot save the adapter to {adapter_dir}: {exc.strerror or exc} (any previous adapter there is "
+            "intact; the trained weights are in the last checkpoint, if --save_strategy wrote one)"
+        ) from None
 
 
 def train(
@@ -155,7 +186,8 @@ def train(
 
     from mtlora.data import DataCollatorForInstructions, load_task_map, save_task_map
     from mtlora.model import MtLoraModel, get_mtlora_model
-    from mtlora.training.trainer import JsonlLogCallback, MtLoraTrainer, save_adapter
+    from mtlora.training.guards import NonFiniteGuard
+    from mtlora.training.trainer import JsonlLogCallback, MtLoraTrainer
 
     t0 = time.time()
     if not torch.cuda.is_available():
@@ -191,7 +223,7 @@ def train(
         "adapter": peft_model.mtlora_config.to_dict(),
         "training": json.loads(train_args.to_json_string()),
     }
-    (out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+    write_text_atomic(out / "run_config.json", json.dumps(run_config, indent=2, default=str) + "\n")
     trainable, total = peft_model.get_nb_trainable_parameters()
 
     trainer = MtLoraTrainer(
@@ -202,12 +234,12 @@ def train(
         data_collator=DataCollatorForInstructions.from_tokenizer(tokenizer),
         processing_class=tokenizer,
         task_map=task_map,
-        callbacks=[JsonlLogCallback(out / "train_log.jsonl")],
+        callbacks=[JsonlLogCallback(out / "train_log.jsonl"), NonFiniteGuard(str(out))],
     )
     result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     adapter_dir = out / "sft_lora_model"
     if trainer.args.should_save:
-        save_adapter(peft_model, adapter_dir, tokenizer, task_map)
+        save_final_adapter(peft_model, adapter_dir, tokenizer, task_map)
         manifest = {
             "mtlora_version": __import__("mtlora").__version__,
             "git_hash": _git_hash(),
@@ -227,5 +259,5 @@ def train(
             "seconds": round(time.time() - t0, 2),
             "spectral_applications": trainer.spectral.num_applications if trainer.spectral else 0,
         }
-        (out / "run_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_text_atomic(out / "run_manifest.json", json.dumps(manifest, indent=2) + "\n")
     return adapter_dir
