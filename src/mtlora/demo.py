@@ -39,6 +39,7 @@ from typing import Any
 
 from mtlora.errors import ConfigError
 from mtlora.hub import default_device
+from mtlora.outputs import add_safety_flags
 
 BUNDLED_MODEL = "mtlora:stories260k"
 
@@ -126,6 +127,7 @@ def build_parser(prog: str = "mtlora demo") -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="A ~1-minute smoke run (tiny budgets; used by tests)."
     )
+    add_safety_flags(p, overwrite=False)
     return p
 
 
@@ -274,10 +276,12 @@ def pretrain_base(ns: argparse.Namespace, suite: Any, cache_dir: Path) -> tuple[
         return str(folder), info
 
     t0 = time.time()
-    tokenizer = load_tokenizer(str(model_path))
+    tokenizer = load_tokenizer(str(model_path), trust_remote_code=ns.trust_remote_code)
     dataset = tokenize_records(records, tokenizer, 128, "paper", build_task_map(records))
     torch.manual_seed(ns.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, trust_remote_code=ns.trust_remote_code
+    )
     model.config.use_cache = False
     tmp = cache_dir / f".tmp-{key}-{os.getpid()}"
     args = TrainingArguments(
@@ -423,7 +427,7 @@ def evaluate_model(
 
     t0 = time.time()
     # LoRAHub's composed adapter is a plain peft LoRA; every other method's is an mtlora adapter
-    loaded = load_model(base_path, adapter_dir, device=ns.device)
+    loaded = load_model(base_path, adapter_dir, device=ns.device, trust_remote_code=ns.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     task_map = loaded.task_map if loaded.method == "mmoelora" else None
     answers = generate_answers(
@@ -460,7 +464,7 @@ def train_method(
         "--logging_steps", str(max(total // 5, 1) if total else 50), "--save_strategy", "no",
         "--seed", str(ns.seed), "--data_seed", str(ns.seed), "--disable_tqdm", "False",
         "--report_to", "none", *budget, *_device_flags(ns.device), *METHOD_FLAGS[method],
-        *shlex.split(ns.train_args),
+        *shlex.split(ns.train_args), *(["--trust_remote_code", "True"] if ns.trust_remote_code else []),
     ]  # fmt: skip
     if METHOD_FLAGS[method][:2] == ["--method", "lorahub"]:
         return _train_lorahub(argv, run_dir, data_dir)

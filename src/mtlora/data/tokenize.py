@@ -229,7 +229,9 @@ def _encode_paper_batch(
     appends_eos = _tokenizer_appends_eos(tokenizer)
     budget = char_budget(tokenizer, max_seq_length)
     # a source past the budget keeps > max_seq_length tokens, so its target is cut away either way
-    sources = [_cut(paper_source_text(r), budget) + (PAPER_EOS_LITERAL if literal_ok else "") for r in records]
+    sources = [
+        _cut(paper_source_text(r), budget) + (PAPER_EOS_LITERAL if literal_ok else "") for r in records
+    ]
     targets = [_cut(r["output"], budget) for r in records]
     # verbose=False: the "longer than model_max_length" warning is moot, we truncate ourselves
     source_ids = _ids(tokenizer(sources, add_special_tokens=True, verbose=False))

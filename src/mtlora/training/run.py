@@ -106,7 +106,9 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
         )
     except OSError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"--tokenizer_name_or_path {tok_path}: cannot load the tokenizer ({first})") from None
+        raise ConfigError(
+            f"--tokenizer_name_or_path {tok_path}: cannot load the tokenizer ({first})"
+        ) from None
     attn = "flash_attention_2" if model_args.flash_attn else model_args.attn_implementation
     kwargs: dict[str, Any] = {
         "dtype": _base_dtype(model_args, train_args),

@@ -106,10 +106,15 @@ def validate_train_args(model_args: Any, data_args: Any, adapter: Any, train_arg
     for flag, value in (("--dataset_dir", data_args.dataset_dir),):
         if value and not Path(value).exists():
             raise ConfigError(f"{flag} {value}: no such folder or file")
-    for flag, value in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):
+    for flag, value in (
+        ("--train_file", data_args.train_file),
+        ("--validation_file", data_args.validation_file),
+    ):
         if value and not Path(value).is_file():
             raise ConfigError(f"{flag} {value}: no such file")
     _check_path_is_folder("--data_cache_dir", data_args.data_cache_dir)
     _check_path_is_folder("--logging_dir", getattr(train_args, "logging_dir", None))
     if model_args.peft_path and not Path(model_args.peft_path, "adapter_config.json").is_file():
-        raise ConfigError(f"--peft_path {model_args.peft_path}: not an adapter folder (no adapter_config.json)")
+        raise ConfigError(
+            f"--peft_path {model_args.peft_path}: not an adapter folder (no adapter_config.json)"
+        )
