@@ -14,10 +14,10 @@ mtlora writes therefore goes through one of three helpers:
   :func:`recover_interrupted` (used by every adapter loader) finds and loads instead.
 
 Permissions: :func:`tempfile.mkstemp` creates files with mode 0600 and :func:`tempfile.mkdtemp` folders with
-0700, whatever the umask, so results written through them were unreadable by colleagues on a shared disk
-(issue 12, item 8). The temporary files and folders here are created with ``os.open(..., 0o666)`` /
-``os.mkdir(..., 0o777)`` instead, so the kernel applies the process umask exactly as for a plain ``open``
-(0644 / 0755 under the usual umask 022), and ``os.replace`` keeps that mode.
+0700 whatever the umask, and so does ``safetensors.save_file`` (0600), so results written through them were
+unreadable by colleagues on a shared disk (issue 12, item 8). Everything published here gets the permissions
+of a plain ``open``/``mkdir`` under the process umask instead -- 0644 files and 0755 folders under the usual
+umask 022 (executable bits a writer set are kept) -- and ``os.replace`` keeps them.
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = [
     "atomic_dir",
     "atomic_file",
+    "current_umask",
     "recover_interrupted",
     "write_bytes_atomic",
     "write_text_atomic",
@@ -44,6 +46,33 @@ logger = logging.getLogger("mtlora")
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting (briefly process-wide)
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(path: Path, mask: int) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (keeping executable bits of files)."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        mode = 0o777 & ~mask
+    else:
+        mode = (0o666 | (st.st_mode & 0o111)) & ~mask
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
 
 
 def _sibling(path: Path, tag: str) -> Path:
@@ -104,6 +133,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = _create_file(path)
     try:
         yield tmp
+        _plain_mode(tmp, current_umask())  # a writer may have re-created it (safetensors: 0600)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -127,11 +157,15 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     return Path(path)
 
 
-def _fsync_tree(root: Path) -> None:
+def _finish_tree(root: Path) -> None:
+    """Plain permissions for everything under ``root`` (see the module docstring), then flush it to disk."""
+    mask = current_umask()
     for dirpath, _, filenames in os.walk(root):
+        _plain_mode(Path(dirpath), mask)
         for name in filenames:
             p = Path(dirpath, name)
             if not p.is_symlink():
+                _plain_mode(p, mask)
                 _fsync_file(p)
         _fsync_dir(Path(dirpath))
 
@@ -218,7 +252,7 @@ def atomic_dir(
         if keep_existing and source.is_dir():
             shutil.copytree(source, staging, symlinks=True, dirs_exist_ok=True)
         yield staging
-        _fsync_tree(staging)
+        _finish_tree(staging)
         _swap_into_place(staging, final, exchange=exchange)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtlora.atomic import atomic_dir
 from mtlora.errors import ConfigError
 from mtlora.hub import default_device
 from mtlora.outputs import add_safety_flags
@@ -317,9 +318,7 @@ def pretrain_base(ns: argparse.Namespace, suite: Any, cache_dir: Path) -> tuple[
     )
     result = trainer.train()
     model.config.use_cache = True
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     info = {
         "key": key,
         "base_model": ns.model_name_or_path,
@@ -330,9 +329,10 @@ def pretrain_base(ns: argparse.Namespace, suite: Any, cache_dir: Path) -> tuple[
         "reason": _PRETRAIN_REASON,
         **hparams,
     }
-    (tmp / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_dir(folder) as pub:  # complete or absent, with umask permissions (mtlora.atomic)
+        model.save_pretrained(pub)
+        tokenizer.save_pretrained(pub)
+        (pub / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
     info["cached"] = False
     return str(folder), info
 

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from mtlora.atomic import current_umask
 from mtlora.data.records import RECORD_FIELDS, build_task_map
 from mtlora.errors import DataError
 
@@ -580,6 +581,7 @@ def cached_tokenize(
     _log_stats(stats)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the cache is shared like any output
     try:
         dataset.save_to_disk(str(tmp))
         meta = {
