@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_main(fn, argv: list[str], *, debug: bool = False, prog: str = "mtlora") -> int:
     """Run ``fn(argv)``; turn user errors into one clear line unless ``debug``."""
-    from mtlora.errors import MtLoraError
+    import pickle
+
+    from mtlora.errors import MtLoraError, refused_pickle_detail
 
     if "--debug" in argv:
         argv = [a for a in argv if a != "--debug"]
@@ -93,6 +95,15 @@ def run_main(fn, argv: list[str], *, debug: bool = False, prog: str = "mtlora") 
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a file: say so in one line
+        if debug:
+            raise
+        print(
+            f"error: refused to load a pickled file that holds more than tensors and plain values "
+            f"({refused_pickle_detail(exc)}); it was not executed",
+            file=sys.stderr,
+        )
         return 2
     return int(rc or 0)
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mtlora.atomic import recover_interrupted
-from mtlora.errors import CheckpointError, MtLoraError
+from mtlora.errors import CheckpointError, MtLoraError, refused_pickle_detail
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -165,6 +166,15 @@ def _read_task_ids(path: Path) -> dict[str, int]:
     return {str(k): int(v) for k, v in data.items()}
 
 
+def refused_weights_message(name: str, exc: BaseException) -> str:
+    """One line for a model whose pickled weights ``torch.load(weights_only=True)`` refused."""
+    return (
+        f"--model_name_or_path {name}: its pickled weights (*.bin/*.pt) hold more than tensors "
+        f"({refused_pickle_detail(exc)}); refused to unpickle them (nothing in them was run) -- use a "
+        "safetensors copy of the model"
+    )
+
+
 def _check_finite(model: Any, adapter_dir: Path) -> None:
     """Refuse a plain peft adapter holding NaN/inf (it would evaluate to a silent 0.0 score)."""
     import torch
@@ -247,6 +257,8 @@ def load_model(
     except OSError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise MtLoraError(f"cannot load model {name!r}: {first}") from None
+    except pickle.UnpicklingError as exc:
+        raise MtLoraError(refused_weights_message(name, exc)) from None
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()

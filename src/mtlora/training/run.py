@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import platform
 import subprocess
 import time
@@ -92,7 +93,7 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
     """(model, tokenizer) with the tokenizer defaulting to the model's (the paper code crashed without one)."""
     from transformers import AutoModelForCausalLM
 
-    from mtlora.hub import load_tokenizer, resolve_model_path
+    from mtlora.hub import load_tokenizer, refused_weights_message, resolve_model_path
 
     path = resolve_model_path(model_args.model_name_or_path)
     if os.path.isdir(path) and not Path(path, "config.json").is_file():
@@ -122,6 +123,8 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ConfigError(f"--model_name_or_path {path}: cannot load the model ({exc})") from None
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(refused_weights_message(path, exc)) from None
     model.config.use_cache = False
     return model, tokenizer
 
