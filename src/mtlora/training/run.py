@@ -168,15 +168,18 @@ def save_final_adapter(model: Any, adapter_dir: Path, tokenizer: Any, task_map: 
     A kill or a failure (full disk, permissions) at any point leaves the previous adapter folder intact; a
     failure is one ``error:`` line naming the folder (the training itself is in the checkpoints).
     """
+    from safetensors import SafetensorError
+
     from mtlora.training.trainer import save_adapter
 
     try:
         with atomic_dir(adapter_dir) as tmp:
             save_adapter(model, tmp, tokenizer, task_map)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # full disk, quota, permissions (safetensors wraps its own)
+        reason = getattr(exc, "strerror", None) or str(exc)
         raise MtLoraError(
-            f"cannot save the adapter to {adapter_dir}: {exc.strerror or exc} (any previous adapter there is "
-            "intact; the trained weights are in the last checkpoint, if --save_strategy wrote one)"
+            f"cannot save the adapter to {adapter_dir}: {reason} (any previous adapter there is intact; the "
+            "trained weights are in the last checkpoint, if --save_strategy wrote one)"
         ) from None
 
 
