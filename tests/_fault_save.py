@@ -36,7 +36,16 @@ from mtlora import MtLoraConfig, get_mtlora_model  # noqa: E402
 from mtlora.hub import load_tokenizer, resolve_adapter_dir, resolve_model_path  # noqa: E402
 
 TINY = "mtlora:stories260k"
-EVENTS = ("open", "os.rename", "os.replace", "os.mkdir", "os.remove", "os.unlink", "shutil.rmtree", "os.chmod")
+EVENTS = (
+    "open",
+    "os.rename",
+    "os.replace",
+    "os.mkdir",
+    "os.remove",
+    "os.unlink",
+    "shutil.rmtree",
+    "os.chmod",
+)
 
 
 def _model(alpha: float, seed: int):
@@ -74,7 +83,9 @@ def _state(kind: str, target: Path, versions: dict[str, dict[str, torch.Tensor]]
         if kind == "export":
             folder = target
             cfg = json.loads((folder / "adapter_config.json").read_text())
-            alpha = float(cfg["lora_alpha"])  # peft's lora_alpha / r is mtlora's scaling, so alpha carries over
+            alpha = float(
+                cfg["lora_alpha"]
+            )  # peft's lora_alpha / r is mtlora's scaling, so alpha carries over
             weights = load_file(str(folder / "adapter_model.safetensors"))
             merged_cfg = (folder / "merged" / "config.json").is_file()
             if not merged_cfg:
@@ -124,7 +135,7 @@ def main() -> int:
         if pid == 0:  # child: die right before the k-th file-system event of the save
             count = [0]
 
-            def hook(event: str, args: tuple) -> None:
+            def hook(event: str, args: tuple, count: list[int] = count, k: int = k) -> None:
                 if event in EVENTS:
                     if count[0] == k:
                         os.kill(os.getpid(), signal.SIGKILL)

@@ -73,7 +73,9 @@ def test_atomic_file_failure_leaves_old_content(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("exchange", [True, False])
-def test_atomic_dir_replaces_as_a_unit_and_keeps_other_files_on_request(tmp_path: Path, exchange: bool) -> None:
+def test_atomic_dir_replaces_as_a_unit_and_keeps_other_files_on_request(
+    tmp_path: Path, exchange: bool
+) -> None:
     target = tmp_path / "adapter"
     with atomic_dir(target, exchange=exchange) as d:
         (d / "a").write_text("1")
@@ -83,7 +85,9 @@ def test_atomic_dir_replaces_as_a_unit_and_keeps_other_files_on_request(tmp_path
     assert (target / "a").read_text() == "2" and (target / "tok").read_text() == "t"
     with atomic_dir(target, exchange=exchange) as d:
         (d / "a").write_text("3")
-    assert sorted(p.name for p in target.iterdir()) == ["a"]  # without keep_existing: exactly what was written
+    assert sorted(p.name for p in target.iterdir()) == [
+        "a"
+    ]  # without keep_existing: exactly what was written
     with pytest.raises(ValueError), atomic_dir(target, exchange=exchange) as d:
         (d / "a").write_text("4")
         raise ValueError("writer failed")

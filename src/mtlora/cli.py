@@ -94,7 +94,9 @@ def run_main(fn, argv: list[str], *, debug: bool = False, prog: str = "mtlora") 
         if debug:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
+        # one line: messages from libraries (transformers, torch) often span several
+        text = " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
+        print(f"error: {text}", file=sys.stderr)
         return 2
     except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a file: say so in one line
         if debug:

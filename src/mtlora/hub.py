@@ -175,6 +175,14 @@ def refused_weights_message(name: str, exc: BaseException) -> str:
     )
 
 
+def remote_code_message(name: str) -> str:
+    """One line for a model that needs its own Python code while ``--trust_remote_code`` is off."""
+    return (
+        f"--model_name_or_path {name}: the model needs Python code shipped with it (auto_map in config.json); "
+        "it was not run -- pass --trust_remote_code if you trust that code"
+    )
+
+
 def _check_finite(model: Any, adapter_dir: Path) -> None:
     """Refuse a plain peft adapter holding NaN/inf (it would evaluate to a silent 0.0 score)."""
     import torch
@@ -259,6 +267,10 @@ def load_model(
         raise MtLoraError(f"cannot load model {name!r}: {first}") from None
     except pickle.UnpicklingError as exc:
         raise MtLoraError(refused_weights_message(name, exc)) from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise MtLoraError(remote_code_message(name)) from None
+        raise
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()

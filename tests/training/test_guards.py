@@ -35,7 +35,7 @@ def test_log_with_a_non_finite_term_names_it_and_the_steps(key: str, term: str, 
     with pytest.raises(TrainingDiverged) as info:
         guard.on_log(args, _state(20), TrainerControl(), logs=logs)
     msg = str(info.value)
-    assert f"step 20 (mean over steps 11-20)" in msg and f"{term} ({key}=" in msg
+    assert "step 20 (mean over steps 11-20)" in msg and f"{term} ({key}=" in msg
     assert "last good checkpoint is" in msg and "checkpoint-10" in msg
 
 

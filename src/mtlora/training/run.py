@@ -93,7 +93,12 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
     """(model, tokenizer) with the tokenizer defaulting to the model's (the paper code crashed without one)."""
     from transformers import AutoModelForCausalLM
 
-    from mtlora.hub import load_tokenizer, refused_weights_message, resolve_model_path
+    from mtlora.hub import (
+        load_tokenizer,
+        refused_weights_message,
+        remote_code_message,
+        resolve_model_path,
+    )
 
     path = resolve_model_path(model_args.model_name_or_path)
     if os.path.isdir(path) and not Path(path, "config.json").is_file():
@@ -110,6 +115,10 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
         raise ConfigError(
             f"--tokenizer_name_or_path {tok_path}: cannot load the tokenizer ({first})"
         ) from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not model_args.trust_remote_code:
+            raise ConfigError(remote_code_message(str(tok_path))) from None
+        raise
     attn = "flash_attention_2" if model_args.flash_attn else model_args.attn_implementation
     kwargs: dict[str, Any] = {
         "dtype": _base_dtype(model_args, train_args),
@@ -125,6 +134,10 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
         raise ConfigError(f"--model_name_or_path {path}: cannot load the model ({exc})") from None
     except pickle.UnpicklingError as exc:
         raise ConfigError(refused_weights_message(path, exc)) from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not model_args.trust_remote_code:
+            raise ConfigError(remote_code_message(path)) from None
+        raise
     model.config.use_cache = False
     return model, tokenizer
 
