@@ -968,8 +968,6 @@ def export_adapter(
         splits[t] = (cal[:max_calibration_per_task], ev[:max_eval_per_task])
 
     out.mkdir(parents=True, exist_ok=True)
-    if task_map:
-        save_task_map(task_map, out / "task_map.json")
     fmt = "mtlora_block" if block else "peft_lora"
     report: dict[str, Any] = {
         "format": "mtlora-export-report",
@@ -1079,6 +1077,8 @@ def export_adapter(
             "exported_nll": mean("exported", "nll"),
             "base_nll": mean("base", "nll"),
         }
+    if task_map:  # written with the report, so a failed export leaves no stray task map
+        save_task_map(task_map, out / "task_map.json")
     write_json_atomic(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     return report
 
