@@ -331,3 +331,10 @@ def test_trust_remote_code_is_explicit_and_never_asked_on_stdin(tmp_path: Path) 
     assert [ln for ln in res.stderr.splitlines() if ln.startswith("error:")], res.stderr[-2000:]
     assert f"--model_name_or_path {model}: the model needs Python code shipped with it" in res.stderr
     assert "pass --trust_remote_code" in res.stderr
+
+
+def test_offline_hub_id_is_one_error_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = _eval(["bbh", "--model_name_or_path", "someorg/not-cached-model", "--tasks", "navigate",
+                "--output_dir", str(tmp_path / "e")])  # fmt: skip
+    assert rc == 2 and "someorg/not-cached-model" in _error_line(capsys)

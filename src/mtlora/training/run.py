@@ -112,9 +112,9 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
         )
     except OSError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(
-            f"--tokenizer_name_or_path {tok_path}: cannot load the tokenizer ({first})"
-        ) from None
+        given = model_args.tokenizer_name_or_path or model_args.tokenizer_name
+        flag = "--tokenizer_name_or_path" if given else "--model_name_or_path"
+        raise ConfigError(f"{flag} {tok_path}: cannot load the tokenizer ({first})") from None
     except ValueError as exc:
         if "trust_remote_code" in str(exc) and not model_args.trust_remote_code:
             raise ConfigError(remote_code_message(str(tok_path))) from None
