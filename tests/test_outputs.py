@@ -57,3 +57,31 @@ def test_safety_flags_parse_like_the_trainer_flags() -> None:
     assert p.parse_args(["--trust_remote_code", "false"]).trust_remote_code is False
     with pytest.raises(SystemExit):
         p.parse_args(["--trust_remote_code", "maybe"])
+
+
+def test_trust_remote_code_is_a_flag_of_every_command_that_loads_a_model(tmp_path: Path) -> None:
+    """Default False everywhere, so transformers is always told (and never asks on stdin)."""
+    from mtlora import demo, export, lorahub
+    from mtlora.analysis import cli as analysis_cli
+    from mtlora.evaluation.cli import build_parser as eval_parser
+    from mtlora.params import parse_adapter_args
+    from mtlora.training.arguments import parse_train_args
+
+    parsers = {
+        "eval": (eval_parser("bbh"), ["--output_dir", "o"]),
+        "export": (export.build_parser(), ["a", "--output_dir", "o"]),
+        "analyze": (analysis_cli.build_parser(), ["spectral", "--adapter", "a", "--output_dir", "o"]),
+        "lorahub": (lorahub.build_parser(), ["--lora_dirs", "a", "--examples", "e", "--model_name_or_path", "m",
+                                             "--output_dir", "o"]),
+        "demo": (demo.build_parser(), []),
+    }  # fmt: skip
+    for name, (parser, base) in parsers.items():
+        assert parser.parse_args(base).trust_remote_code is False, name
+        assert parser.parse_args([*base, "--trust_remote_code"]).trust_remote_code is True, name
+    _, ns = parse_adapter_args(["--model_name_or_path", "m", "--trust_remote_code"], "mtlora params")
+    assert ns.trust_remote_code is True
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    model_args, *_ = parse_train_args(["--model_name_or_path", "m", "--train_file", str(data), "--output_dir",
+                                       str(tmp_path / "o")])  # fmt: skip
+    assert model_args.trust_remote_code is False
