@@ -95,10 +95,15 @@ def test_atomic_dir_replaces_as_a_unit_and_keeps_other_files_on_request(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-def test_atomic_dir_refuses_a_file_in_the_way(tmp_path: Path) -> None:
+def test_atomic_dir_refuses_a_file_in_the_way_and_follows_a_link(tmp_path: Path) -> None:
     (tmp_path / "x").write_text("a file")
     with pytest.raises(FileExistsError, match="not a folder"), atomic_dir(tmp_path / "x"):
         pass
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with atomic_dir(tmp_path / "link") as d:
+        (d / "f").write_text("1")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "f").read_text() == "1"
 
 
 def test_recover_interrupted_finds_the_parked_old_folder(tmp_path: Path) -> None:

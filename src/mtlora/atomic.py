@@ -242,6 +242,8 @@ def atomic_dir(
     On an exception the temporary folder is removed and ``path`` is untouched.
     """
     final = Path(path)
+    if final.is_symlink() and final.is_dir():
+        final = final.resolve()  # a link to a folder elsewhere: replace that folder, keep the link
     final.parent.mkdir(parents=True, exist_ok=True)
     if os.path.lexists(final) and (not final.is_dir() or final.is_symlink()):
         raise FileExistsError(f"{final} exists and is not a folder")
