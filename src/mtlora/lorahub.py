@@ -398,13 +398,14 @@ def train_task_loras(
     if unknown:
         raise MtLoraError(f"tasks {unknown} have no records (found {sorted(by_task)})")
     out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     placeholder = str(out / "_unused")
     argv = ["--save_strategy", "no", *train_argv]
-    argv += [
+    argv += [  # the data and output paths are replaced per task (_train_one); these only pass the checks
         "--model_name_or_path",
         model_name_or_path,
-        "--train_file",
-        placeholder,
+        "--dataset_dir",
+        str(out),
         "--output_dir",
         placeholder,
     ]
