@@ -13,6 +13,7 @@ Output folder layout::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,6 +22,7 @@ import pickle
 import platform
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from mtlora.config import MtLoraConfig
 from mtlora.errors import ConfigError, MtLoraError
 from mtlora.hub import DTYPES, torch_dtype
 from mtlora.training.arguments import DataArguments, ModelArguments, MtLoraTrainingArguments
+from mtlora.training.guards import NonFiniteGuard
 
 
 def _file_sha256(path: Path) -> str:
@@ -175,25 +178,32 @@ def load_training_data(
     return train, evald, task_map, files
 
 
-def save_final_adapter(model: Any, adapter_dir: Path, tokenizer: Any, task_map: dict[str, int]) -> None:
-    """Write ``sft_lora_model`` as a unit (adapter, config, tokenizer, task map; :func:`mtlora.atomic.atomic_dir`).
+@contextlib.contextmanager
+def final_adapter_folder(adapter_dir: Path) -> Iterator[Path]:
+    """Stage ``sft_lora_model`` and publish it as a unit when the block ends (:func:`mtlora.atomic.atomic_dir`).
 
     A kill or a failure (full disk, permissions) at any point leaves the previous adapter folder intact; a
     failure is one ``error:`` line naming the folder (the training itself is in the checkpoints).
     """
     from safetensors import SafetensorError
 
-    from mtlora.training.trainer import save_adapter
-
     try:
         with atomic_dir(adapter_dir) as tmp:
-            save_adapter(model, tmp, tokenizer, task_map)
+            yield tmp
     except (OSError, SafetensorError) as exc:  # full disk, quota, permissions (safetensors wraps its own)
         reason = getattr(exc, "strerror", None) or str(exc)
         raise MtLoraError(
             f"cannot save the adapter to {adapter_dir}: {reason} (any previous adapter there is intact; the "
             "trained weights are in the last checkpoint, if --save_strategy wrote one)"
         ) from None
+
+
+def save_final_adapter(model: Any, adapter_dir: Path, tokenizer: Any, task_map: dict[str, int]) -> None:
+    """Adapter, config, tokenizer and task map as one unit in ``adapter_dir`` (see :func:`final_adapter_folder`)."""
+    from mtlora.training.trainer import save_adapter
+
+    with final_adapter_folder(adapter_dir) as tmp:
+        save_adapter(model, tmp, tokenizer, task_map)
 
 
 def train(
@@ -207,8 +217,7 @@ def train(
 
     from mtlora.data import DataCollatorForInstructions, load_task_map, save_task_map
     from mtlora.model import MtLoraModel, get_mtlora_model
-    from mtlora.training.guards import NonFiniteGuard
-    from mtlora.training.trainer import JsonlLogCallback, MtLoraTrainer
+    from mtlora.training.trainer import JsonlLogCallback, MtLoraTrainer, save_adapter
 
     t0 = time.time()
     if not torch.cuda.is_available():
@@ -260,7 +269,8 @@ def train(
     result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     adapter_dir = out / "sft_lora_model"
     if trainer.args.should_save:
-        save_final_adapter(peft_model, adapter_dir, tokenizer, task_map)
+        with final_adapter_folder(adapter_dir) as staged:  # published whole, or the old one stays
+            save_adapter(peft_model, staged, tokenizer, task_map)
         manifest = {
             "mtlora_version": __import__("mtlora").__version__,
             "git_hash": _git_hash(),
