@@ -247,7 +247,7 @@ def test_max_length_beyond_the_models_positions_is_refused(tmp_path: Path, capsy
     assert _eval([*args, "--max_length", "100000"]) == 2
     assert _error_line(capsys) == (
         "error: --max_length 100000: the model has 512 positions (max_position_embeddings); use --max_length "
-        "512 or less (default: 512)"
+        "512 or less (default: 512), or --allow_beyond_positions"
     )
 
 

@@ -104,6 +104,12 @@ def build_parser(benchmark: str, prog: str | None = None) -> argparse.ArgumentPa
     p.add_argument("--logging_dir", default=None, help="also copy the result files here (paper flag)")
     # Paper flag, accepted so the released scripts run; evaluation uses one device.
     p.add_argument("--num_gpus", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--allow_beyond_positions",
+        action="store_true",
+        help="accept a --max_length beyond the model's position table (RoPE extrapolates; e.g. to cross-check "
+        "with lm-evaluation-harness at the same length); default: refuse",
+    )
     add_safety_flags(p)
     return p
 
@@ -117,9 +123,11 @@ def _check_max_length(
     model_name_or_path: str | None,
     lora_checkpoint: str | None,
     trust_remote_code: bool,
+    allow: bool = False,
 ) -> None:
     """Refuse a ``--max_length`` beyond the model's position table before the weights are loaded: prompts
-    past it run on positions the model never had (learned tables fail, RoPE silently extrapolates)."""
+    past it run on positions the model never had (learned tables fail, RoPE silently extrapolates). With
+    ``allow`` (``--allow_beyond_positions``) it is only noted on stderr."""
     if max_length is None:
         return
     from mtlora.evaluation.loading import config_max_positions
@@ -132,9 +140,15 @@ def _check_max_length(
         return
     limit = config_max_positions(name, trust_remote_code=trust_remote_code)
     if limit is not None and max_length > limit:
+        if allow:
+            print(
+                f"note: --max_length {max_length} exceeds the model's {limit} positions (--allow_beyond_positions)",
+                file=sys.stderr,
+            )
+            return
         raise MtLoraError(
             f"--max_length {max_length}: the model has {limit} positions (max_position_embeddings); "
-            f"use --max_length {limit} or less (default: {limit})"
+            f"use --max_length {limit} or less (default: {limit}), or --allow_beyond_positions"
         )
 
 
@@ -173,7 +187,13 @@ def run(benchmark: str, argv: list[str], prog: str | None = None) -> int:
     for flag, folder in (("--output_dir", args.output_dir), ("--logging_dir", args.logging_dir)):
         if folder:
             check_output_dir(folder, _result_files(benchmark), overwrite=args.overwrite_output_dir, flag=flag)
-    _check_max_length(args.max_length, args.model_name_or_path, args.lora_checkpoint, args.trust_remote_code)
+    _check_max_length(
+        args.max_length,
+        args.model_name_or_path,
+        args.lora_checkpoint,
+        args.trust_remote_code,
+        allow=args.allow_beyond_positions,
+    )
 
     t0 = time.perf_counter()
     if benchmark == "mmlu":
