@@ -132,6 +132,11 @@ def build_parser(prog: str = "mtlora demo") -> argparse.ArgumentParser:
     return p
 
 
+def _trust(ns: argparse.Namespace) -> bool:
+    """``--trust_remote_code``; False for namespaces built without it (benchmarks/scaling.py builds its own)."""
+    return bool(getattr(ns, "trust_remote_code", False))
+
+
 def _resolve(ns: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on --quick / --suite / the model, and validate."""
     tiny = ns.model_name_or_path.strip().lower() == BUNDLED_MODEL
@@ -277,11 +282,11 @@ def pretrain_base(ns: argparse.Namespace, suite: Any, cache_dir: Path) -> tuple[
         return str(folder), info
 
     t0 = time.time()
-    tokenizer = load_tokenizer(str(model_path), trust_remote_code=ns.trust_remote_code)
+    tokenizer = load_tokenizer(str(model_path), trust_remote_code=_trust(ns))
     dataset = tokenize_records(records, tokenizer, 128, "paper", build_task_map(records))
     torch.manual_seed(ns.seed)
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, trust_remote_code=ns.trust_remote_code
+        model_path, dtype=torch.float32, trust_remote_code=_trust(ns)
     )
     model.config.use_cache = False
     tmp = cache_dir / f".tmp-{key}-{os.getpid()}"
@@ -427,7 +432,7 @@ def evaluate_model(
 
     t0 = time.time()
     # LoRAHub's composed adapter is a plain peft LoRA; every other method's is an mtlora adapter
-    loaded = load_model(base_path, adapter_dir, device=ns.device, trust_remote_code=ns.trust_remote_code)
+    loaded = load_model(base_path, adapter_dir, device=ns.device, trust_remote_code=_trust(ns))
     model, tokenizer = loaded.model, loaded.tokenizer
     task_map = loaded.task_map if loaded.method == "mmoelora" else None
     answers = generate_answers(
@@ -464,7 +469,7 @@ def train_method(
         "--logging_steps", str(max(total // 5, 1) if total else 50), "--save_strategy", "no",
         "--seed", str(ns.seed), "--data_seed", str(ns.seed), "--disable_tqdm", "False",
         "--report_to", "none", *budget, *_device_flags(ns.device), *METHOD_FLAGS[method],
-        *shlex.split(ns.train_args), *(["--trust_remote_code", "True"] if ns.trust_remote_code else []),
+        *shlex.split(ns.train_args), *(["--trust_remote_code", "True"] if _trust(ns) else []),
     ]  # fmt: skip
     if METHOD_FLAGS[method][:2] == ["--method", "lorahub"]:
         return _train_lorahub(argv, run_dir, data_dir)
