@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -388,3 +389,26 @@ def test_cli_errors(run: dict[str, Any], tmp_path: Path) -> None:
         analyze(["spectral", "--adapter", str(tmp_path / "nope"), "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit):
         analyze(["plots", "--adapter", str(run["comp"]), "--output_dir", str(tmp_path)])
+
+
+def test_labels_cannot_leave_output_dir_and_summaries_are_kept(tmp_path: Path) -> None:
+    """Issue 15: --label names a sub-folder, so separators and '..' are refused; an earlier analysis in
+    --output_dir is not replaced without --overwrite_output_dir (both checked before anything loads)."""
+    out = tmp_path / "figs"
+    base = [
+        "spectral",
+        "--adapter",
+        str(tmp_path / "a"),
+        "--adapter2",
+        str(tmp_path / "b"),
+        "--output_dir",
+        str(out),
+    ]
+    for flag, bad in (("--label", "../.."), ("--label2", "x/y"), ("--label", ".."), ("--label", "")):
+        with pytest.raises(MtLoraError, match=rf"{flag} '{re.escape(bad)}': must be a plain name"):
+            analyze([*base, flag, bad])
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+    out.mkdir()
+    (out / "analysis_summary.json").write_text("{}")
+    with pytest.raises(MtLoraError, match=r"already holds analysis_summary\.json.*--overwrite_output_dir"):
+        analyze(base)

@@ -322,3 +322,26 @@ def test_calibration_means_are_per_group_and_mask_weighted(data_file: Path) -> N
         assert probs.shape == (a.num_groups, a.num_experts) and a.num_groups > 1
         assert torch.allclose(probs.sum(-1), torch.ones(a.num_groups), atol=1e-5)
         assert torch.allclose(probs.mean(0), stats[n]["mean_probs"].float(), atol=1e-5), n
+
+
+def test_eval_fraction_range_and_earlier_exports_are_kept(data_file: Path, tmp_path: Path) -> None:
+    """Issue 15: --eval_fraction outside (0, 1) is an error; a second export into the same folder needs
+    --overwrite_output_dir; everything written has plain (umask) permissions."""
+    from mtlora.atomic import current_umask
+
+    adapter = _make_adapter(tmp_path, "lora", seed=5)
+    out = tmp_path / "x"
+    for bad in ("1.5", "0", "-0.2", "1"):
+        with pytest.raises(MtLoraError, match=rf"--eval_fraction {float(bad)}: must be in \(0, 1\)"):
+            main([str(adapter), "--output_dir", str(out), f"--eval_fraction={bad}", "--no_eval"])
+    assert not out.exists()
+    argv = [str(adapter), "--eval_data", str(data_file), "--output_dir", str(out), "--no_eval"]
+    assert main(argv) == 0
+    report = (out / "report.json").read_bytes()
+    with pytest.raises(MtLoraError, match=r"already holds .*--overwrite_output_dir"):
+        main(argv)
+    assert (out / "report.json").read_bytes() == report
+    assert main([*argv, "--overwrite_output_dir"]) == 0
+    plain = 0o666 & ~current_umask()
+    for p in out.rglob("*"):
+        assert (p.stat().st_mode & 0o777) == (plain | 0o111 if p.is_dir() else plain), p

@@ -271,3 +271,15 @@ def test_cli_trains_the_library_first(tmp_path: Path) -> None:
     lora = read_peft_lora(out / "loras" / "repeat")
     assert lora.rank == 4 and sorted(lora.config["target_modules"]) == ["q_proj", "v_proj"]
     assert json.loads((out / "lorahub.json").read_text())["lora_dirs"] == [str(out / "loras" / "repeat")]
+
+
+def test_cli_keeps_an_earlier_composition(library: dict, tmp_path: Path) -> None:
+    """Issue 15: a second run into the same --output_dir needs --overwrite_output_dir (checked first)."""
+    out = tmp_path / "composed"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    argv = ["--lora_dirs", f"{library['wrong']},{library['right']}", "--examples", str(library["examples"]),
+            "--model_name_or_path", TINY, "--output_dir", str(out), "--budget", "2"]  # fmt: skip
+    with pytest.raises(MtLoraError, match=r"already holds adapter_config\.json.*--overwrite_output_dir"):
+        main(argv)
+    assert (out / "adapter_config.json").read_text() == "{}"

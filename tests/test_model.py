@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,3 +313,26 @@ def test_torch_compile_matches_eager_loss_and_gradients() -> None:
     torch.testing.assert_close(c_blc, blc, atol=1e-6, rtol=1e-4)
     for (name, _), a, b in zip(trainable, c_grads, grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda s, n=name: f"{n}: {s}")
+
+
+def test_save_pretrained_is_a_unit_keeps_other_files_and_refuses_nan_on_load(tmp_path: Path) -> None:
+    """Issue 15/12: the adapter files replace the old ones together (other files stay), with umask modes;
+    an adapter holding NaN is refused by name instead of loading (and silently scoring 0.0)."""
+    from mtlora.atomic import current_umask
+    from mtlora.errors import CheckpointError
+
+    out = tmp_path / "adapter"
+    model = get_mtlora_model(tiny_model(), MtLoraConfig(method="lora", lora_rank=4))
+    model.save_pretrained(out)
+    (out / "tokenizer_config.json").write_text("{}")
+    with torch.no_grad():
+        next(model.adapters()).lora_B.fill_(float("nan"))
+    model.save_pretrained(out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json",
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging folder left
+    for p in out.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~current_umask(), p  # safetensors alone writes 0600
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\..*lora_B' holds non-finite values"):
+        MtLoraModel.from_pretrained(tiny_model(), out)

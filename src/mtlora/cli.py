@@ -4,9 +4,9 @@ One entry point, one sub-command per workflow (like litgpt). Each sub-command li
 exposes ``main(argv: list[str]) -> int``; this file only dispatches, so ``mtlora --help`` stays fast
 (torch/transformers are imported lazily by the sub-command that needs them).
 
-Errors: a sub-command raises :class:`mtlora.errors.MtLoraError` (or ``ValueError``/``FileNotFoundError``)
-for bad input; we print one ``error: ...`` line and exit 2. ``--debug`` anywhere on the command line
-shows the full traceback instead.
+Errors: a sub-command raises :class:`mtlora.errors.MtLoraError` (or ``ValueError``, an ``OSError`` such as
+a missing file or a full disk) for bad input; we print one ``error: ...`` line and exit 2. ``--debug``
+anywhere on the command line shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -81,18 +81,35 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_main(fn, argv: list[str], *, debug: bool = False, prog: str = "mtlora") -> int:
     """Run ``fn(argv)``; turn user errors into one clear line unless ``debug``."""
-    from mtlora.errors import MtLoraError
+    import pickle
+
+    from mtlora.errors import MtLoraError, refused_pickle_detail
 
     if "--debug" in argv:
         argv = [a for a in argv if a != "--debug"]
         debug = True
     try:
         rc = fn(argv)
-    except (MtLoraError, ValueError, FileNotFoundError, KeyError) as exc:
+    except (MtLoraError, ValueError, OSError, KeyError) as exc:
         if debug:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
+        if (
+            isinstance(exc, OSError) and exc.filename and exc.strerror
+        ):  # disk full, permissions, a file in the way
+            msg = f"{exc.filename}: {exc.strerror}"
+        # one line: messages from libraries (transformers, torch) often span several
+        text = " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
+        print(f"error: {text}", file=sys.stderr)
+        return 2
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a file: say so in one line
+        if debug:
+            raise
+        print(
+            f"error: refused to load a pickled file that holds more than tensors and plain values "
+            f"({refused_pickle_detail(exc)}); it was not executed",
+            file=sys.stderr,
+        )
         return 2
     return int(rc or 0)
 

@@ -26,6 +26,7 @@ Method semantics
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,10 @@ class MtLoraConfig(PeftConfig):
         def bad(name: str, msg: str) -> None:
             raise ConfigError(f"invalid adapter config: {name}={getattr(self, name)!r}: {msg}")
 
+        for f in fields(self):  # NaN passes every "<= 0" test below, so non-finite numbers go first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f.name, "must be a finite number")
         if self.method not in METHODS:
             bad("method", f"must be one of {', '.join(METHODS)}")
         for name in ("lora_rank", "lora_nums", "expert_num", "task_embedding_dim"):
@@ -337,6 +342,8 @@ class MtLoraConfig(PeftConfig):
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: JSON nested too deeply to parse") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(data, source=str(path))

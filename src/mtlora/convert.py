@@ -36,16 +36,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mtlora.atomic import atomic_dir
 from mtlora.errors import MtLoraError
 from mtlora.hub import DTYPES, torch_dtype
 
@@ -399,27 +398,9 @@ def convert_llama2c(
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MtLoraError(f"output directory is not empty: {out} (use --force to replace it)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # built beside the target and swapped in whole, with umask permissions (mtlora.atomic)
+    with atomic_dir(out) as tmp:
         _write_folder(h, tensors, tokenizer_model, tmp, dtype)
-        # mkdtemp makes the folder 0700 and transformers writes model.safetensors 0600; give the result the
-        # permissions of an ordinary folder (umask applied) so other users and tools can read the model.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -37,8 +37,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtlora.atomic import atomic_dir
 from mtlora.errors import ConfigError
 from mtlora.hub import default_device
+from mtlora.outputs import add_safety_flags
 
 BUNDLED_MODEL = "mtlora:stories260k"
 
@@ -126,7 +128,13 @@ def build_parser(prog: str = "mtlora demo") -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="A ~1-minute smoke run (tiny budgets; used by tests)."
     )
+    add_safety_flags(p, overwrite=False)
     return p
+
+
+def _trust(ns: argparse.Namespace) -> bool:
+    """``--trust_remote_code``; False for namespaces built without it (benchmarks/scaling.py builds its own)."""
+    return bool(getattr(ns, "trust_remote_code", False))
 
 
 def _resolve(ns: argparse.Namespace) -> argparse.Namespace:
@@ -274,10 +282,12 @@ def pretrain_base(ns: argparse.Namespace, suite: Any, cache_dir: Path) -> tuple[
         return str(folder), info
 
     t0 = time.time()
-    tokenizer = load_tokenizer(str(model_path))
+    tokenizer = load_tokenizer(str(model_path), trust_remote_code=_trust(ns))
     dataset = tokenize_records(records, tokenizer, 128, "paper", build_task_map(records))
     torch.manual_seed(ns.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, trust_remote_code=_trust(ns)
+    )
     model.config.use_cache = False
     tmp = cache_dir / f".tmp-{key}-{os.getpid()}"
     args = TrainingArguments(
@@ -313,9 +323,7 @@ def pretrain_base(ns: argparse.Namespace, suite: Any, cache_dir: Path) -> tuple[
     )
     result = trainer.train()
     model.config.use_cache = True
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     info = {
         "key": key,
         "base_model": ns.model_name_or_path,
@@ -326,9 +334,10 @@ def pretrain_base(ns: argparse.Namespace, suite: Any, cache_dir: Path) -> tuple[
         "reason": _PRETRAIN_REASON,
         **hparams,
     }
-    (tmp / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_dir(folder) as pub:  # complete or absent, with umask permissions (mtlora.atomic)
+        model.save_pretrained(pub)
+        tokenizer.save_pretrained(pub)
+        (pub / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
     info["cached"] = False
     return str(folder), info
 
@@ -423,7 +432,7 @@ def evaluate_model(
 
     t0 = time.time()
     # LoRAHub's composed adapter is a plain peft LoRA; every other method's is an mtlora adapter
-    loaded = load_model(base_path, adapter_dir, device=ns.device)
+    loaded = load_model(base_path, adapter_dir, device=ns.device, trust_remote_code=_trust(ns))
     model, tokenizer = loaded.model, loaded.tokenizer
     task_map = loaded.task_map if loaded.method == "mmoelora" else None
     answers = generate_answers(
@@ -460,7 +469,7 @@ def train_method(
         "--logging_steps", str(max(total // 5, 1) if total else 50), "--save_strategy", "no",
         "--seed", str(ns.seed), "--data_seed", str(ns.seed), "--disable_tqdm", "False",
         "--report_to", "none", *budget, *_device_flags(ns.device), *METHOD_FLAGS[method],
-        *shlex.split(ns.train_args),
+        *shlex.split(ns.train_args), *(["--trust_remote_code", "True"] if _trust(ns) else []),
     ]  # fmt: skip
     if METHOD_FLAGS[method][:2] == ["--method", "lorahub"]:
         return _train_lorahub(argv, run_dir, data_dir)

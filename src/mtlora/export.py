@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtlora.atomic import atomic_dir
 from mtlora.errors import CheckpointError, MtLoraError
 from mtlora.hub import (
     default_device,
@@ -57,6 +58,7 @@ from mtlora.hub import (
     resolve_adapter_dir,
     resolve_model_path,
 )
+from mtlora.outputs import add_safety_flags, check_output_dir
 from mtlora.quant import add_quantization_arguments, is_quantized_linear
 from mtlora.quant import from_args as quantization_from_args
 
@@ -376,8 +378,6 @@ def write_peft_lora(
     if base_model_name_or_path and base_model_name_or_path.lower().startswith("mtlora:"):
         # plain peft cannot resolve mtlora's bundled-model names; record the folder they stand for
         base_model_name_or_path = resolve_model_path(base_model_name_or_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = LoraConfig(
         r=rank,
         lora_alpha=float(lora_alpha),
@@ -392,7 +392,6 @@ def write_peft_lora(
         base_model_name_or_path=base_model_name_or_path,
         inference_mode=True,
     )
-    cfg.save_pretrained(str(out))
     tensors: dict[str, torch.Tensor] = {}
     for name, (a, b) in sorted(modules.items()):
         if a.shape[0] != b.shape[1]:
@@ -402,8 +401,10 @@ def write_peft_lora(
             a, b = a.to(dtype), b.to(dtype)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.cpu().contiguous()
-    save_file(tensors, str(out / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-    return out
+    with atomic_dir(out_dir, keep_existing=True) as tmp:  # config and weights appear together or not at all
+        cfg.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+    return Path(out_dir)
 
 
 def read_peft_lora(path: str | Path) -> PeftLora:
@@ -420,6 +421,10 @@ def read_peft_lora(path: str | Path) -> PeftLora:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
+    except RecursionError:
+        raise CheckpointError(f"{cfg_path}: JSON nested too deeply to parse") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
     if str(cfg.get("peft_type", "")).upper() != "LORA":
         raise CheckpointError(
             f"{cfg_path}: peft_type={cfg.get('peft_type')!r}, expected 'LORA'"
@@ -568,8 +573,6 @@ def export_block_adapter(
 
     from mtlora.placement import iter_hosts
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     entries = []
     for name, host, module in iter_hosts(model.base_model):
@@ -592,11 +595,6 @@ def export_block_adapter(
         )
     if not entries:
         raise MtLoraError("the model has no block-level adapters")
-    save_file(
-        tensors,
-        str(out / BLOCK_WEIGHTS_NAME),
-        metadata={"format": "pt", "mtlora_export": str(EXPORT_VERSION)},
-    )
     config = {
         "format": BLOCK_FORMAT,
         "version": EXPORT_VERSION,
@@ -607,10 +605,16 @@ def export_block_adapter(
         "x = the block input (the pre-norm output); act = identity (lowrank) or ReLU (bottleneck, adaptformer)",
         "modules": entries,
     }
-    (out / BLOCK_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    (out / BLOCK_LOADER_NAME).write_text(_standalone_loader_source())
-    (out / "README.md").write_text(_block_readme(task))
-    return out
+    with atomic_dir(out_dir, keep_existing=True) as out:  # the four files appear together or not at all
+        save_file(
+            tensors,
+            str(out / BLOCK_WEIGHTS_NAME),
+            metadata={"format": "pt", "mtlora_export": str(EXPORT_VERSION)},
+        )
+        (out / BLOCK_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        (out / BLOCK_LOADER_NAME).write_text(_standalone_loader_source())
+        (out / "README.md").write_text(_block_readme(task))
+    return Path(out_dir)
 
 
 def load_block_export(model: Any, path: Any) -> list:
@@ -722,25 +726,25 @@ def save_merged_model(
             f"{quantized[0]}: cannot save a merged model of a quantized base (packed weights take no delta); "
             "merge into the unquantized base (--load_in_kbits 16)"
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     base = model.base_model
     backups = [(host, host.weight.detach().clone()) for _, host, _ in hosts]
-    try:
-        with torch.no_grad():
-            for name, host, adapter in hosts:
-                dw = static_delta_weight(adapter, routing.get(name))
-                host.weight.add_(dw.to(device=host.weight.device, dtype=host.weight.dtype))
-        marker = f".{ADAPTER_ATTR}."
-        state = {k: v for k, v in base.state_dict().items() if marker not in f".{k}"}
-        base.save_pretrained(str(out), state_dict=state)
-    finally:
-        with torch.no_grad():
-            for host, w in backups:
-                host.weight.copy_(w)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    return out
+    # the whole folder is this model's (a merged model is not saved beside other files): replace it as a unit
+    with atomic_dir(out_dir) as out:
+        try:
+            with torch.no_grad():
+                for name, host, adapter in hosts:
+                    dw = static_delta_weight(adapter, routing.get(name))
+                    host.weight.add_(dw.to(device=host.weight.device, dtype=host.weight.dtype))
+            marker = f".{ADAPTER_ATTR}."
+            state = {k: v for k, v in base.state_dict().items() if marker not in f".{k}"}
+            base.save_pretrained(str(out), state_dict=state)
+        finally:
+            with torch.no_grad():
+                for host, w in backups:
+                    host.weight.copy_(w)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+    return Path(out_dir)
 
 
 # ============================================================================ evaluation
@@ -900,6 +904,8 @@ def export_adapter(
     device: str = "cpu",
     dtype: str = "float32",
     quantization: Any = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Export an mtlora adapter per task and write ``report.json``; returns the report (see module docstring).
 
@@ -909,14 +915,18 @@ def export_adapter(
     16-bit base).
 
     Calibration uses ``calibration_data`` (records with ``task_type``). Without ``eval_data`` the last
-    ``eval_fraction`` of each task's calibration records is held out for the report and not calibrated on.
+    ``eval_fraction`` (in (0, 1)) of each task's calibration records is held out for the report and not
+    calibrated on. A non-empty ``output_dir`` (an earlier export) is refused unless ``overwrite``.
     """
 
     from mtlora.config import CONFIG_NAME, MtLoraConfig
     from mtlora.data import build_task_map, load_records, load_task_map, save_task_map
     from mtlora.data.records import write_json_atomic
 
-    adapter_dir, out = resolve_adapter_dir(adapter_dir), Path(output_dir)  # also a `mtlora train` output dir
+    if not (isinstance(eval_fraction, (int, float)) and 0.0 < eval_fraction < 1.0):
+        raise MtLoraError(f"--eval_fraction {eval_fraction}: must be in (0, 1), the held-out share per task")
+    adapter_dir = resolve_adapter_dir(adapter_dir)  # also a `mtlora train` output dir
+    out = check_output_dir(output_dir, overwrite=overwrite, refuse_nonempty=True)
     raw_cfg = read_adapter_config(adapter_dir)
     if "method" not in raw_cfg:
         raise CheckpointError(
@@ -941,6 +951,7 @@ def export_adapter(
         tokenizer_from_adapter=True,
         freeze=False,
         quantization=quantization,
+        trust_remote_code=trust_remote_code,
     )
     model, tokenizer, base_name = loaded.model, loaded.tokenizer, loaded.model_name_or_path
 
@@ -991,8 +1002,6 @@ def export_adapter(
         splits[t] = (cal[:max_calibration_per_task], ev[:max_eval_per_task])
 
     out.mkdir(parents=True, exist_ok=True)
-    if task_map:
-        save_task_map(task_map, out / "task_map.json")
     fmt = "mtlora_block" if block else "peft_lora"
     report: dict[str, Any] = {
         "format": "mtlora-export-report",
@@ -1103,6 +1112,8 @@ def export_adapter(
             "exported_nll": mean("exported", "nll"),
             "base_nll": mean("base", "nll"),
         }
+    if task_map:  # written with the report, so a failed export leaves no stray task map
+        save_task_map(task_map, out / "task_map.json")
     write_json_atomic(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     return report
 
@@ -1117,12 +1128,14 @@ def _write_export(
     merged: bool,
     task: str | None,
 ) -> None:
-    if block:
-        export_block_adapter(model, probs, tdir, base_model_name_or_path=base_name, task=task)
-        return
-    export_peft_lora(model, probs, tdir, base_model_name_or_path=base_name)
-    if merged:
-        save_merged_model(model, probs, tdir / "merged", tokenizer=tokenizer)
+    """One task's export folder, written as a unit (with ``merged/`` inside when asked for)."""
+    with atomic_dir(tdir) as tmp:
+        if block:
+            export_block_adapter(model, probs, tmp, base_model_name_or_path=base_name, task=task)
+            return
+        export_peft_lora(model, probs, tmp, base_model_name_or_path=base_name)
+        if merged:
+            save_merged_model(model, probs, tmp / "merged", tokenizer=tokenizer)
 
 
 def _fmt(value: float | None) -> str:
@@ -1163,6 +1176,7 @@ def build_parser(prog: str = "mtlora export") -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     add_quantization_arguments(p)
+    add_safety_flags(p)
     return p
 
 
@@ -1197,6 +1211,8 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         dtype=args.dtype,
         quantization=quantization_from_args(args),
+        overwrite=args.overwrite_output_dir,
+        trust_remote_code=args.trust_remote_code,
     )
     print(f"{report['method']} ({report['level']}) -> {report['export_format']} in {args.output_dir}")
     for task, e in report["tasks"].items():

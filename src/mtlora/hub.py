@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtlora.errors import CheckpointError, MtLoraError
+from mtlora.atomic import recover_interrupted
+from mtlora.errors import CheckpointError, MtLoraError, refused_pickle_detail
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -116,11 +118,12 @@ def torch_dtype(name: str, flag: str = "--dtype") -> Any:
 def resolve_adapter_dir(adapter: str | os.PathLike[str]) -> Path:
     """The folder holding ``adapter_config.json``: the path itself, or the ``sft_lora_model`` folder that
     ``mtlora train`` writes inside its output directory (so either can be passed)."""
-    path = Path(adapter)
+    path = recover_interrupted(adapter)
     if not path.is_dir():
         raise CheckpointError(f"adapter directory not found: {path}")
-    if not (path / ADAPTER_CONFIG).is_file() and (path / "sft_lora_model" / ADAPTER_CONFIG).is_file():
-        return path / "sft_lora_model"
+    inner = recover_interrupted(path / "sft_lora_model")
+    if not (path / ADAPTER_CONFIG).is_file() and (inner / ADAPTER_CONFIG).is_file():
+        return inner
     return path
 
 
@@ -138,6 +141,8 @@ def read_adapter_config(adapter: str | os.PathLike[str], *, mtlora_only: bool = 
         data = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise CheckpointError(f"{cfg_path}: JSON nested too deeply to parse") from None
     if not isinstance(data, dict) or not ("method" in data or "peft_type" in data):
         raise CheckpointError(f"{cfg_path}: neither 'method' (mtlora) nor 'peft_type' (peft) is set")
     if mtlora_only and "method" not in data:
@@ -156,9 +161,38 @@ def _read_task_ids(path: Path) -> dict[str, int]:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or not all(isinstance(v, int) and v >= 0 for v in data.values()):
             raise TypeError
-    except (json.JSONDecodeError, TypeError):
+    except (json.JSONDecodeError, TypeError, RecursionError):
         raise CheckpointError(f"{path}: expected a JSON object {{task_name: non-negative id}}") from None
     return {str(k): int(v) for k, v in data.items()}
+
+
+def refused_weights_message(name: str, exc: BaseException) -> str:
+    """One line for a model whose pickled weights ``torch.load(weights_only=True)`` refused."""
+    return (
+        f"--model_name_or_path {name}: its pickled weights (*.bin/*.pt) hold more than tensors "
+        f"({refused_pickle_detail(exc)}); refused to unpickle them (nothing in them was run) -- use a "
+        "safetensors copy of the model"
+    )
+
+
+def remote_code_message(name: str) -> str:
+    """One line for a model that needs its own Python code while ``--trust_remote_code`` is off."""
+    return (
+        f"--model_name_or_path {name}: the model needs Python code shipped with it (auto_map in config.json); "
+        "it was not run -- pass --trust_remote_code if you trust that code"
+    )
+
+
+def _check_finite(model: Any, adapter_dir: Path) -> None:
+    """Refuse a plain peft adapter holding NaN/inf (it would evaluate to a silent 0.0 score)."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if "lora_" in name and p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise CheckpointError(
+                f"{adapter_dir}: tensor {name!r} holds non-finite values (NaN/inf); the adapter is broken "
+                "(a diverged run?) and is not loaded"
+            )
 
 
 @dataclass
@@ -187,6 +221,7 @@ def load_model(
     tokenizer_from_adapter: bool = False,
     freeze: bool = True,
     quantization: Any = None,
+    trust_remote_code: bool = False,
 ) -> LoadedBase:
     """Tokenizer + base model (+ adapter) on ``device``, in eval mode.
 
@@ -199,6 +234,8 @@ def load_model(
     * ``freeze``: ``requires_grad=False`` on every parameter (analyses that need gradients pass False).
     * ``quantization``: a :class:`mtlora.quant.Quantization` (``--load_in_kbits 4|8``) stores the base's
       linears in 4/8 bit with ``dtype`` as the compute dtype; the adapter loads onto it unchanged.
+    * ``trust_remote_code``: run modelling code shipped with the model (``--trust_remote_code``). Always
+      passed explicitly: left unset, transformers asks ``[y/N]`` on stdin, which hangs a batch job.
 
     Errors name the flag or file: an unknown model, an adapter that does not fit the base (key and shapes),
     a missing CUDA device, a bad dtype.
@@ -229,11 +266,21 @@ def load_model(
     hf_logging.disable_progress_bar()  # callers draw their own bars; an error must stay a single line
     try:
         has_tok = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(adapter_dir if tokenizer_from_adapter and has_tok else path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **quant_kwargs)
+        tokenizer = load_tokenizer(
+            adapter_dir if tokenizer_from_adapter and has_tok else path, trust_remote_code=trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dt, trust_remote_code=trust_remote_code, **quant_kwargs
+        )
     except OSError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise MtLoraError(f"cannot load model {name!r}: {first}") from None
+    except pickle.UnpicklingError as exc:
+        raise MtLoraError(refused_weights_message(name, exc)) from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise MtLoraError(remote_code_message(name)) from None
+        raise
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
@@ -255,6 +302,8 @@ def load_model(
                 raise
             raise CheckpointError(f"{adapter_dir}: adapter does not fit {name}: {exc}") from None
         task_map = _read_task_ids(adapter_dir / TASK_MAP)
+        if "method" not in cfg:  # mtlora adapters are checked tensor by tensor when their file is read
+            _check_finite(model, adapter_dir)
     if not quant.enabled:  # a quantized base was placed on `device` while loading (8 bit cannot be moved)
         model.to(device)
     model.eval()

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mtlora.atomic import atomic_dir, write_text_atomic
 from mtlora.errors import ConfigError, DataError, MtLoraError
 from mtlora.export import (
     PeftLora,
@@ -61,6 +62,7 @@ from mtlora.export import (
     read_peft_lora,
     write_peft_lora,
 )
+from mtlora.outputs import add_safety_flags, check_output_dir
 from mtlora.quant import add_quantization_arguments
 from mtlora.quant import from_args as quantization_from_args
 
@@ -425,21 +427,28 @@ def save_composed(
     target_modules: Sequence[str] | str | None = None,
     tokenizer: Any = None,
     extra: Mapping[str, Any] | None = None,
+    task_map: Mapping[str, int] | None = None,
 ) -> Path:
-    """Write the composed LoRA as a standard peft folder plus ``lorahub.json`` (weights and search log)."""
+    """Write the composed LoRA as a standard peft folder plus ``lorahub.json`` (weights and search log), and
+    the tokenizer and task map when given -- all as one unit (:func:`mtlora.atomic.atomic_dir`)."""
+    from mtlora.data import save_task_map
+
     scaling = next(iter(composed.scaling.values()))
-    out = write_peft_lora(
-        out_dir,
-        composed.modules,
-        lora_alpha=scaling * composed.rank,
-        target_modules=target_modules,
-        base_model_name_or_path=base_model_name_or_path,
-    )
-    payload = {**result.to_dict(), **(extra or {})}
-    (out / LORAHUB_JSON).write_text(json.dumps(payload, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    return out
+    with atomic_dir(out_dir, keep_existing=True) as out:
+        write_peft_lora(
+            out,
+            composed.modules,
+            lora_alpha=scaling * composed.rank,
+            target_modules=target_modules,
+            base_model_name_or_path=base_model_name_or_path,
+        )
+        payload = {**result.to_dict(), **(extra or {})}
+        (out / LORAHUB_JSON).write_text(json.dumps(payload, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+        if task_map is not None:
+            save_task_map(task_map, out / "task_map.json")
+    return Path(out_dir)
 
 
 # ============================================================================ per-task LoRAs
@@ -491,13 +500,14 @@ def train_task_loras(
     if unknown:
         raise MtLoraError(f"tasks {unknown} have no records (found {sorted(by_task)})")
     out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     placeholder = str(out / "_unused")
     argv = ["--save_strategy", "no", *train_argv]
-    argv += [
+    argv += [  # the data and output paths are replaced per task (_train_one); these only pass the checks
         "--model_name_or_path",
         model_name_or_path,
-        "--train_file",
-        placeholder,
+        "--dataset_dir",
+        str(out),
         "--output_dir",
         placeholder,
     ]
@@ -579,7 +589,7 @@ def run_lorahub_method(
     if not str(out):
         raise ConfigError("--output_dir is required")
     records = load_records(data_args.train_file or data_args.dataset_dir)
-    if data_args.max_train_samples:
+    if data_args.max_train_samples is not None:  # >= 1, checked at parse time
         records = records[: data_args.max_train_samples]
     task_map = build_task_map(records)
     by_task = _by_task(records)
@@ -645,11 +655,11 @@ def run_lorahub_method(
         target_modules=targets,
         tokenizer=tokenizer,
         extra={"task": None},
+        task_map=task_map,
     )
-    save_task_map(task_map, default_dir / "task_map.json")
     save_task_map(task_map, out / "task_map.json")
     summary["default"] = {"dir": str(default_dir), "weights": result.weights, "objective": result.objective}
-    (hub / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(hub / "summary.json", json.dumps(summary, indent=2) + "\n")
     return default_dir
 
 
@@ -707,6 +717,7 @@ def build_parser(prog: str = "mtlora lorahub") -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     add_quantization_arguments(p)
+    add_safety_flags(p)
     return p
 
 
@@ -717,8 +728,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.max_examples < 1:
         raise MtLoraError("--max_examples must be >= 1")
-    out = Path(args.output_dir)
     quant = quantization_from_args(args)
+    out = check_output_dir(
+        args.output_dir, ["adapter_config.json", LORAHUB_JSON, "loras"], overwrite=args.overwrite_output_dir
+    )
     if args.lora_dirs:
         dirs = [Path(d.strip()) for d in args.lora_dirs.split(",") if d.strip()]
     else:
@@ -741,7 +754,13 @@ def main(argv: list[str] | None = None) -> int:
         if not examples:
             raise MtLoraError(f"--task {args.task!r}: no example has this task_type in {args.examples}")
     examples = examples[: args.max_examples]
-    loaded = load_model(args.model_name_or_path, device=args.device, dtype=args.dtype, quantization=quant)
+    loaded = load_model(
+        args.model_name_or_path,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=quant,
+        trust_remote_code=args.trust_remote_code,
+    )
     model, tokenizer = loaded.model, loaded.tokenizer
     loras = [read_peft_lora(d) for d in dirs]
     result, composed = compose(

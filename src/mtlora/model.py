@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtlora import __version__
+from mtlora.atomic import atomic_dir, recover_interrupted
 from mtlora.config import CONFIG_NAME, WEIGHTS_NAME, MtLoraConfig
 from mtlora.errors import CheckpointError, MtLoraError, PlacementError
 from mtlora.hub import torch_dtype
@@ -122,21 +122,6 @@ def _with_balance_fields(out: Any, **extra: torch.Tensor) -> Any:
             f"{cls.__name__}WithBalanceLoss", fields, bases=(cls,)
         )
     return _OUTPUT_TYPES[cls](**{k: v for k, v in out.items()}, **extra)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temporary file in the same directory and ``os.replace`` it (never a half-written file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class MtLoraModel(nn.Module):
@@ -387,21 +372,27 @@ class MtLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str | os.PathLike[str], **extra_config: Any) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically)."""
-        out = Path(save_directory)
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``save_directory``, as a unit.
+
+        The folder is rebuilt beside the old one (other files in it are kept) and swapped in whole
+        (:func:`mtlora.atomic.atomic_dir`): a kill at any moment leaves the old weights with the old config
+        or the new weights with the new config, never new weights beside an old config.
+        """
+        with atomic_dir(save_directory, keep_existing=True) as tmp:
+            self.write_adapter_files(tmp, **extra_config)
+
+    def write_adapter_files(self, directory: str | os.PathLike[str], **extra_config: Any) -> None:
+        """Write the two adapter files into ``directory`` as they are (no atomicity: callers that write
+        more files beside the adapter, e.g. a tokenizer, stage them all in one :func:`atomic_dir`)."""
+        out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
         cfg = self.mtlora_config.to_dict()
         cfg["mtlora_version"] = __version__
         cfg[QUANT_RECORD_KEY] = quantization_of(self.base_model).record()
         cfg.update(extra_config)
-        _atomic_write(
-            out / WEIGHTS_NAME,
-            lambda p: save_file(tensors, p, metadata={"format": "pt", "mtlora": __version__}),
-        )
-        _atomic_write(
-            out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        )
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "mtlora": __version__})
+        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     def load_adapter_weights(self, path: str | os.PathLike[str]) -> None:
         """Load adapter tensors from a safetensors file, checking every key and shape strictly."""
@@ -412,6 +403,12 @@ class MtLoraModel(nn.Module):
             loaded = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        for k, t in loaded.items():  # a NaN adapter would score 0.0 (or train on) without a word
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(
+                    f"{path}: tensor {k!r} holds non-finite values (NaN/inf); the adapter is broken "
+                    "(a diverged run?) and is not loaded"
+                )
         expected = self.adapter_state_dict()
         missing = sorted(set(expected) - set(loaded))
         unexpected = sorted(set(loaded) - set(expected))
@@ -437,7 +434,7 @@ class MtLoraModel(nn.Module):
         cls, base_model: nn.Module, adapter_dir: str | os.PathLike[str], *, is_trainable: bool = False
     ) -> MtLoraModel:
         """Rebuild the adapters described by ``adapter_dir/adapter_config.json`` and load their weights."""
-        adapter_dir = Path(adapter_dir)
+        adapter_dir = recover_interrupted(adapter_dir)
         if not adapter_dir.is_dir():
             raise CheckpointError(f"{adapter_dir}: adapter directory not found")
         config = MtLoraConfig.from_json_file(adapter_dir / CONFIG_NAME)

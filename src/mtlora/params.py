@@ -15,6 +15,7 @@ import torch
 
 from mtlora.config import MtLoraConfig, adapter_argument_parser
 from mtlora.errors import MtLoraError
+from mtlora.outputs import add_safety_flags
 
 
 def _resolve(name_or_path: str) -> str:
@@ -42,11 +43,13 @@ def build_meta_model(
         return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
 
 
-def count_parameters(model_name_or_path: str | os.PathLike[str], config: MtLoraConfig) -> tuple[int, int]:
+def count_parameters(
+    model_name_or_path: str | os.PathLike[str], config: MtLoraConfig, *, trust_remote_code: bool = False
+) -> tuple[int, int]:
     """(trainable adapter parameters, base + trainable parameters) for ``config`` on that model."""
     from mtlora.model import MtLoraModel
 
-    base = build_meta_model(model_name_or_path)
+    base = build_meta_model(model_name_or_path, trust_remote_code=trust_remote_code)
     base_count = sum(p.numel() for p in base.parameters())
     model = MtLoraModel(base, config)
     trainable = sum(p.numel() for a in model.adapters() for p in a.parameters())
@@ -59,6 +62,7 @@ def parse_adapter_args(argv: list[str], prog: str) -> tuple[MtLoraConfig, argpar
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model_name_or_path", required=True, help="model dir/hub id; only config.json is read")
     pre.add_argument("--trainable", default=None, help="alias of --target_modules (the paper's flag)")
+    add_safety_flags(pre, overwrite=False)
     parser = adapter_argument_parser(prog, description=__doc__, parents=[pre])
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
@@ -73,6 +77,6 @@ def parse_adapter_args(argv: list[str], prog: str) -> tuple[MtLoraConfig, argpar
 
 def main(argv: list[str]) -> int:
     config, ns = parse_adapter_args(argv, "mtlora params")
-    trainable, total = count_parameters(ns.model_name_or_path, config)
+    trainable, total = count_parameters(ns.model_name_or_path, config, trust_remote_code=ns.trust_remote_code)
     print(f"trainable_params={trainable} total_params={total} percent={100.0 * trainable / total:.4f}")
     return 0

@@ -277,7 +277,8 @@ def _hidden_size(model: str) -> int:
 
     from mtlora.hub import resolve_model_path
 
-    cfg = AutoConfig.from_pretrained(resolve_model_path(model))
+    # explicit: unset, transformers would ask [y/N] on stdin for a model with custom code
+    cfg = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=False)
     return int(cfg.get_text_config().hidden_size)
 
 

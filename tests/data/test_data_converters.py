@@ -228,3 +228,17 @@ def test_cli_reports_user_errors_as_one_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing.jsonl" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_existing_train_json_is_kept_without_overwrite(fixtures_dir: Path, tmp_path: Path, capsys) -> None:
+    """Issue 15: converting into a folder that already holds train.json refuses (one line) unless asked."""
+    src = fixtures_dir / "flan_tiny.jsonl"
+    assert mtlora_main(["data", "flan", str(src), str(tmp_path / "o")]) == 0
+    (tmp_path / "o" / "train.json").write_text("[]\n")
+    capsys.readouterr()
+    assert mtlora_main(["data", "flan", str(src), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds train.json" in err[0] and "--overwrite_output_dir" in err[0]
+    assert (tmp_path / "o" / "train.json").read_text() == "[]\n"
+    assert mtlora_main(["data", "flan", str(src), str(tmp_path / "o"), "--overwrite-output-dir"]) == 0
+    assert load_records(tmp_path / "o" / "train.json")

@@ -175,3 +175,30 @@ def test_save_records_is_atomic_and_round_trips(tmp_path: Path) -> None:
     assert load_records(out) == records
     assert sorted(p.name for p in out.parent.iterdir()) == ["train.json"]  # no temp files left behind
     assert isinstance(json.loads(out.read_text(encoding="utf-8")), list)
+
+
+def test_record_files_is_the_loaders_selection(tmp_path: Path) -> None:
+    """One function picks the training files: any-case extensions in, evaluation splits out (the manifest uses it)."""
+    from mtlora.data.records import record_files
+
+    for name in ("a.json", "b.jsonl", "c.JSONL", "dev.jsonl", "task_map.json", "notes.txt"):
+        _jsonl(tmp_path / name, [{**GOOD, "task_type": name.split(".")[0]}])
+    files = record_files(tmp_path)
+    assert [p.name for p in files] == ["a.json", "b.jsonl", "c.JSONL"]
+    assert sorted({r["task_type"] for r in load_records(tmp_path)}) == ["a", "b", "c"]
+    assert [p.name for p in record_files(tmp_path, include_eval_splits=True)] == [
+        "a.json", "b.jsonl", "c.JSONL", "dev.jsonl",
+    ]  # fmt: skip
+
+
+def test_deeply_nested_json_is_a_data_error(tmp_path: Path) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "arr.json").write_text(deep)
+    with pytest.raises(DataError, match=r"arr\.json: JSON nested too deeply"):
+        load_records(tmp_path / "arr.json")
+    _jsonl(tmp_path / "lines.jsonl", [GOOD, '{"a": ' + deep + "}"])
+    with pytest.raises(DataError, match=r"lines\.jsonl:2: JSON nested too deeply"):
+        load_records(tmp_path / "lines.jsonl")
+    (tmp_path / "task_map.json").write_text(deep)
+    with pytest.raises(DataError, match="nested too deeply"):
+        load_task_map(tmp_path / "task_map.json")

@@ -229,3 +229,52 @@ def test_real_dolly_tokenizes(shared_data, tokenizer) -> None:
     assert stats.num_truncated > 0
     assert set(dataset["task_ids"]) <= set(range(8))
     assert all(len(x) <= 256 for x in dataset["input_ids"])
+
+
+def test_over_long_fields_are_cut_by_characters_without_changing_the_kept_tokens(tokenizer) -> None:
+    """The character budget before tokenising keeps exactly the tokens truncation would keep."""
+    words = "the quick brown fox jumps over lazy dogs while seven wizards quietly hex jovial bankers".split()
+    long_text = " ".join(words[i % len(words)] + str(i % 7) for i in range(30_000))  # ~200k characters
+    budget = tok_mod.char_budget(tokenizer, 64)
+    assert budget is not None and budget < len(long_text)
+    for record in (
+        {**WITH_INPUT, "output": long_text},  # long target: cut, same first tokens
+        {**WITH_INPUT, "input": long_text},  # long prompt: the target is cut away either way (dropped)
+    ):
+        source, target = tok_mod._encode_paper_batch([record], tokenizer, None, 1 << 40)[0]  # no cut
+        full = tok_mod._truncate(source, target, 64)
+        assert encode_record(record, tokenizer, 64) == (None if full is None else (full[0], full[1]))
+
+
+@pytest.mark.slow
+def test_a_10mb_record_does_not_cost_gigabytes(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Peak memory stays proportional to max_seq_length (the uncapped run peaked at 2.3 GB for 10 MB)."""
+    import json
+    import subprocess
+    import sys
+
+    record = {
+        "instruction": "Summarise.",
+        "input": "lorem ipsum dolor " * 580_000,
+        "output": "ok",
+        "task_type": "t",
+    }
+    data = tmp_path / "big.json"
+    data.write_text(json.dumps([record, {**record, "input": "short"}]))
+    script = f"""
+import resource, json
+from mtlora.data import load_records, tokenize_records
+from mtlora.hub import load_tokenizer
+tok = load_tokenizer({str(tokenizer_dir)!r})
+records = load_records({str(data)!r})
+tokenize_records(records[1:], tok, 128)  # warm up: imports and one-time set-up are not the record's cost
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ds = tokenize_records(records, tok, 128)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"grew_kb": after - before, "examples": len(ds)}}))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["examples"] == 1  # the 10 MB prompt leaves no room for its target: dropped, as before
+    assert out["grew_kb"] < 150_000, out  # < 150 MB of growth (uncapped: ~1.7 GB)

@@ -254,3 +254,110 @@ def test_protocol_defaults_per_entry_point(tmp_path: Path, capsys) -> None:
         assert json.loads((out / "mmlu_results.json").read_text())["protocol"] == expected
         assert f"MMLU - protocol {expected}" in (out / "mmlu_results.md").read_text()
         assert f"protocol {expected}" in printed and f"protocol: {expected}; results:" in printed
+
+
+# ------------------------------------------------------------------------- issue 15: nothing silent, nothing lost
+def test_empty_task_list_is_an_error_not_all_tasks(tmp_path: Path, capsys) -> None:
+    assert _eval(["bbh", *COMMON, "--tasks", "", "--output_dir", str(tmp_path / "e")]) == 2
+    assert _error_line(capsys).startswith("error: --tasks '': no task names given")
+    assert _eval(["mmlu", *COMMON, "--subjects", " , ", "--output_dir", str(tmp_path / "e")]) == 2
+    assert "--subjects ' , ': no subject names given" in _error_line(capsys)
+    assert not (tmp_path / "e").exists()
+
+
+def test_max_length_beyond_the_models_positions_is_refused(tmp_path: Path, capsys) -> None:
+    args = ["bbh", *COMMON, "--tasks", "navigate", "--output_dir", str(tmp_path / "e")]
+    assert _eval([*args, "--max_length", "100000"]) == 2
+    assert _error_line(capsys) == (
+        "error: --max_length 100000: the model has 512 positions (max_position_embeddings); use --max_length "
+        "512 or less (default: 512), or --allow_beyond_positions"
+    )
+
+
+def test_earlier_results_are_not_replaced_without_overwrite_output_dir(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "e"
+    args = [
+        "bbh",
+        *COMMON,
+        "--tasks",
+        "navigate",
+        "--limit",
+        "1",
+        "--max_new_tokens",
+        "4",
+        "--output_dir",
+        str(out),
+    ]
+    assert _eval(args) == 0
+    first = (out / "bbh_results.json").read_bytes()
+    capsys.readouterr()
+    assert _eval(args) == 2
+    line = _error_line(capsys)
+    assert f"--output_dir {out} already holds bbh_results.json, bbh_results.md" in line
+    assert "--overwrite_output_dir" in line and (out / "bbh_results.json").read_bytes() == first
+    # another benchmark's results in the same folder do not block, and the flag replaces them
+    assert _eval([*args, "--overwrite_output_dir"]) == 0
+    assert (out / "bbh_results.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    (tmp_path / "file").write_text("x")
+    assert _eval([*args[:-1], str(tmp_path / "file")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def _umask() -> int:
+    from mtlora.atomic import current_umask
+
+    return current_umask()
+
+
+def test_nan_adapter_is_refused_by_name_not_scored_zero(tmp_path: Path, capsys) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mtlora import MtLoraConfig, get_mtlora_model
+    from mtlora.hub import resolve_model_path
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY))
+    model = get_mtlora_model(base, MtLoraConfig(method="lora", lora_rank=4, base_model_name_or_path=TINY))
+    with torch.no_grad():
+        next(a for a in model.adapters()).lora_B.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan_adapter")
+    capsys.readouterr()
+    rc = _eval(["bbh", "--lora_checkpoint", str(tmp_path / "nan_adapter"), "--tasks", "navigate", "--limit", "1",
+                "--no_progress", "--output_dir", str(tmp_path / "e")])  # fmt: skip
+    assert rc == 2
+    line = _error_line(capsys)
+    assert "nan_adapter/adapter_model.safetensors: tensor 'model.layers.0." in line and "non-finite" in line
+    assert not (tmp_path / "e" / "bbh_results.json").exists()
+
+
+def test_trust_remote_code_is_explicit_and_never_asked_on_stdin(tmp_path: Path) -> None:
+    """A model folder that asks for custom code: refused at once with stdin open (no [y/N] prompt)."""
+    import shutil
+
+    from mtlora.hub import resolve_model_path
+
+    model = tmp_path / "custom"
+    shutil.copytree(resolve_model_path(TINY), model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["model_type"] = "mtlora_custom_test"  # only the shipped code could build it
+    cfg["auto_map"] = {"AutoConfig": "modeling_custom.CustomConfig",
+                       "AutoModelForCausalLM": "modeling_custom.CustomModel"}  # fmt: skip
+    (model / "config.json").write_text(json.dumps(cfg))
+    (model / "modeling_custom.py").write_text("raise SystemExit('custom code ran')\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+    res = subprocess.run(
+        [sys.executable, "-m", "mtlora.cli", "eval", "bbh", "--model_name_or_path", str(model),
+         "--tasks", "navigate", "--limit", "1", "--output_dir", str(tmp_path / "e")],
+        input="y\n", capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "custom code ran" not in res.stdout + res.stderr and "[y/N]" not in res.stdout + res.stderr
+    assert [ln for ln in res.stderr.splitlines() if ln.startswith("error:")], res.stderr[-2000:]
+    assert f"--model_name_or_path {model}: the model needs Python code shipped with it" in res.stderr
+    assert "pass --trust_remote_code" in res.stderr
+
+
+def test_offline_hub_id_is_one_error_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = _eval(["bbh", "--model_name_or_path", "someorg/not-cached-model", "--tasks", "navigate",
+                "--output_dir", str(tmp_path / "e")])  # fmt: skip
+    assert rc == 2 and "someorg/not-cached-model" in _error_line(capsys)

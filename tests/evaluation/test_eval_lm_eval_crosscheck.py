@@ -9,7 +9,8 @@ extracted answers and accuracies.
 Why ``max_length 2048``: the tiny model was trained with 512 positions, and 5-shot MMLU / 3-shot BBH prompts
 are longer. With 512, the harness cuts tokens on the left while we drop whole exemplars, so the two sides
 would no longer see the same tokens (by design, see prompts.py). Rotary embeddings run past 512 positions,
-so with 2048 on both sides nothing is truncated and the inputs are identical. ``max_gen_toks 32`` (instead
+so with 2048 on both sides nothing is truncated and the inputs are identical (``--allow_beyond_positions``:
+mtlora refuses a window beyond the model's positions unless asked). ``max_gen_toks 32`` (instead
 of 256/1024) keeps generation short; it is passed to both sides.
 """
 
@@ -59,7 +60,8 @@ def lm_eval_results(tmp_path_factory) -> dict:
 
 def _ours(tmp_path: Path, argv: list[str], name: str) -> dict:
     out = tmp_path / name
-    common = ["--model_name_or_path", "mtlora:stories260k", "--max_length", str(MAX_LENGTH), "--no_progress"]
+    common = ["--model_name_or_path", "mtlora:stories260k", "--max_length", str(MAX_LENGTH), "--no_progress",
+              "--allow_beyond_positions"]  # fmt: skip
     assert mtlora_main(["eval", *argv, *common, "--batch_size", "4", "--output_dir", str(out)]) == 0
     return json.loads(next(out.glob("*_results.json")).read_text())
 

@@ -16,10 +16,13 @@ import argparse
 import gc
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+from mtlora.atomic import write_text_atomic
 from mtlora.errors import MtLoraError
+from mtlora.outputs import add_safety_flags, check_output_dir
 from mtlora.quant import add_quantization_arguments
 from mtlora.quant import from_args as quantization_from_args
 
@@ -73,7 +76,27 @@ def build_parser(prog: str = "mtlora analyze") -> argparse.ArgumentParser:
         "--dtype", default=None, help="base model dtype (default: float32 on CPU, bfloat16 on GPU)"
     )
     add_quantization_arguments(p)
+    add_safety_flags(p)
     return p
+
+
+SUMMARY_NAME = "analysis_summary.json"
+
+
+def _check_label(flag: str, label: str) -> str:
+    """A label names a sub-folder of --output_dir: one plain path component, so nothing lands outside it."""
+    bad = (
+        not label.strip()
+        or label in (".", "..")
+        or any(sep in label for sep in ("/", "\\", "\0"))
+        or (os.altsep is not None and os.altsep in label)
+    )
+    if bad:
+        raise MtLoraError(
+            f"{flag} {label!r}: must be a plain name (no path separators, not '.' or '..'): it names a "
+            "folder inside --output_dir"
+        )
+    return label
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -85,6 +108,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise MtLoraError(f"--{flag} must be >= 1")
     if args.data and not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data}: no such file or directory")
+    for flag in ("label", "label2"):
+        if getattr(args, flag) is not None:
+            _check_label(f"--{flag}", getattr(args, flag))
+    check_output_dir(args.output_dir, [SUMMARY_NAME], overwrite=args.overwrite_output_dir)
 
 
 def _labels(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -97,6 +124,8 @@ def _labels(args: argparse.Namespace) -> list[tuple[str, str]]:
     ]
     if len(labels) == 2 and labels[0] == labels[1]:
         labels = [f"{labels[0]}-1", f"{labels[1]}-2"]
+    for flag, label in zip(("--label", "--label2"), labels):  # defaults come from adapter configs
+        _check_label(flag, label)
     return list(zip(dirs, labels))
 
 
@@ -140,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             dtype=args.dtype,
             label=label,
             quantization=quantization_from_args(args),
+            trust_remote_code=args.trust_remote_code,
         )
         data = prepare_task_batches(
             args.data,
@@ -205,7 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         "files": sorted(written),
         "skipped": skipped,
     }
-    (out / "analysis_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return written
 
 

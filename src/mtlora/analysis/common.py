@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mtlora.atomic import atomic_file, write_text_atomic
 from mtlora.errors import DataError, MtLoraError
 
 logger = logging.getLogger("mtlora.analysis")
@@ -93,9 +94,7 @@ def clean_json(obj: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean_json(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
+    return write_text_atomic(path, json.dumps(clean_json(obj), indent=2, allow_nan=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -111,8 +110,8 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (7
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 150) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, facecolor="white")
+    with atomic_file(path) as tmp:  # the temporary name has no image suffix: name the format
+        fig.savefig(tmp, dpi=dpi, facecolor="white", format=Path(path).suffix.lstrip(".") or "png")
     return path
 
 
@@ -184,6 +183,7 @@ def load_adapter(
     dtype: str | None = None,
     label: str | None = None,
     quantization: Any = None,
+    trust_remote_code: bool = False,
 ) -> LoadedAdapter:
     """Base model + adapter in eval mode, all parameters frozen (gradients re-enable the adapter's).
 
@@ -201,6 +201,7 @@ def load_adapter(
         mtlora_only=True,
         freeze=False,
         quantization=quantization,
+        trust_remote_code=trust_remote_code,
     )
     assert loaded.adapter_dir is not None and loaded.adapter_config is not None
     return LoadedAdapter(

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from mtlora.data.converters import CONVERTERS, convert
+from mtlora.data.converters import CONVERTERS, TRAIN_FILENAME, convert
+from mtlora.outputs import check_output_dir
 
 _FORMAT_HELP = {
     "dolly": "Dolly-15k JSONL {instruction, context, response, category} (a file or a directory of them)",
@@ -41,12 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="drop (and count) examples with an empty target instead of failing",
         )
+        cmd.add_argument(
+            "--overwrite_output_dir",
+            "--overwrite-output-dir",
+            action="store_true",
+            help="replace an existing OUTDIR/train.json (default: refuse)",
+        )
     return parser
 
 
 def main(argv: list[str]) -> int:
     """Parse ``argv``, convert, print one summary line; user errors raise :class:`mtlora.errors.DataError`."""
     args = build_parser().parse_args(argv)
+    check_output_dir(args.outdir, [TRAIN_FILENAME], overwrite=args.overwrite_output_dir, flag="OUTDIR")
     summary = convert(
         args.fmt,
         args.input,

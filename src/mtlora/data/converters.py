@@ -250,6 +250,8 @@ def convert_niv1(path: str | Path, *, skip_empty: bool = False) -> Converted:
             task = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{file}: JSON nested too deeply to parse") from None
         if not isinstance(task, dict):
             raise DataError(f"{file}: expected a JSON object with 'examples', got {type(task).__name__}")
         name = task.get("name") or file.parent.name

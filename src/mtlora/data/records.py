@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
+from mtlora.atomic import write_text_atomic
 from mtlora.errors import DataError
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "iter_json_objects",
     "load_records",
     "load_task_map",
+    "record_files",
     "save_records",
     "save_task_map",
     "validate_record",
@@ -124,6 +125,8 @@ def iter_json_objects(path: str | Path) -> Iterator[tuple[str, Any]]:
             offset = len(text) - len(stripped)
             line = text.count("\n", 0, offset + exc.pos) + 1
             raise DataError(f"{path}:{line}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to parse (not a list of records)") from None
         for index, item in enumerate(data):
             yield _where(path, item=index), item
         return
@@ -134,6 +137,8 @@ def iter_json_objects(path: str | Path) -> Iterator[tuple[str, Any]]:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: JSON nested too deeply to parse (not a record)") from None
         yield _where(path, line=lineno), value
 
 
@@ -159,27 +164,16 @@ def _files_in_dir(directory: Path, include_eval_splits: bool) -> list[Path]:
     return files
 
 
-def load_records(
+def record_files(
     paths_or_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     include_eval_splits: bool = False,
-) -> list[Record]:
-    """Load and validate instruction records from files and/or directories.
+) -> list[Path]:
+    """The files :func:`load_records` reads for ``paths_or_dir``, in the order it reads them.
 
-    Args:
-        paths_or_dir: a ``.json``/``.jsonl`` file, a directory, or a list of those. A directory contributes
-            every ``*.json``/``*.jsonl`` directly inside it, in sorted name order, except evaluation splits
-            (see :data:`EVAL_SPLIT_WORDS`) and ``task_map.json``. Files named explicitly are always read.
-        include_eval_splits: also take ``validation*``/``dev*``/``test*`` files from directories (this is
-            what the paper code did, by accident).
-
-    Returns:
-        All records in file order, then line/item order.
-
-    Raises:
-        DataError: a path does not exist, a directory holds no record files, or any record is malformed
-            (the message names the file, the line or item index, and the field). Everything is parsed and
-            validated before this returns, so a caller never starts work on half-checked data.
+    One function decides which files are training data, so everything that reports on the data (the run
+    manifest's hashes) names exactly the files that were trained on. Raises :class:`DataError` for a
+    missing path or a directory without record files.
     """
     if isinstance(paths_or_dir, (str, os.PathLike)):
         inputs: list[Path] = [Path(paths_or_dir)]
@@ -205,6 +199,33 @@ def load_records(
             files.append(path)
         else:
             raise DataError(f"{path}: no such file or directory")
+    return files
+
+
+def load_records(
+    paths_or_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    include_eval_splits: bool = False,
+) -> list[Record]:
+    """Load and validate instruction records from files and/or directories.
+
+    Args:
+        paths_or_dir: a ``.json``/``.jsonl`` file, a directory, or a list of those. A directory contributes
+            every ``*.json``/``*.jsonl`` directly inside it (extension in any case), in sorted name order,
+            except evaluation splits (see :data:`EVAL_SPLIT_WORDS`) and ``task_map.json``
+            (:func:`record_files`). Files named explicitly are always read.
+        include_eval_splits: also take ``validation*``/``dev*``/``test*`` files from directories (this is
+            what the paper code did, by accident).
+
+    Returns:
+        All records in file order, then line/item order.
+
+    Raises:
+        DataError: a path does not exist, a directory holds no record files, or any record is malformed
+            (the message names the file, the line or item index, and the field). Everything is parsed and
+            validated before this returns, so a caller never starts work on half-checked data.
+    """
+    files = record_files(paths_or_dir, include_eval_splits=include_eval_splits)
     records: list[Record] = []
     for file in files:
         records.extend(_load_file(file))
@@ -232,26 +253,12 @@ def build_task_map(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
 
 
 def write_json_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``.
+    """Write ``text`` to ``path`` atomically with ordinary permissions (:func:`mtlora.atomic.write_text_atomic`).
 
     A crash or a full disk then leaves either the old file or the new one, never a truncated JSON file that a
     later run would fail on (or, worse, half-read).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    write_text_atomic(path, text)
 
 
 def save_records(records: Sequence[Mapping[str, Any]], path: str | Path) -> None:
@@ -293,4 +300,6 @@ def load_task_map(path: str | Path) -> dict[str, int]:
         raise DataError(f"{path}: task map file not found") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to parse (not a task map)") from None
     return _check_task_map(data, str(path))

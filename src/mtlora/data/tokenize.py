@@ -15,7 +15,12 @@ transformers 5 from a folder without ``"add_bos_token": true`` does not, so by d
 whenever the tokenizer defines one (``add_bos=False`` turns that off). Likewise exactly one separator EOS
 ends the source even if the tokenizer appends EOS itself (``add_eos_token=True``).
 
-Sequences are cut to ``max_seq_length`` from the right, like the paper. Unlike the paper, an example whose
+Sequences are cut to ``max_seq_length`` from the right, like the paper. Before tokenising, each text field
+is also cut to a character budget (:func:`char_budget`: ``(max_seq_length + 64)`` times the longest token of
+the vocabulary, in characters): a token never covers more characters than its vocabulary string has, so the
+cut text still yields more than ``max_seq_length`` tokens and the kept tokens are those of the whole text,
+while memory stays proportional to ``max_seq_length`` -- the paper tokenised every record in full, so one
+10 MB record cost 2 GB of RAM to keep 512 of its tokens. Unlike the paper, an example whose
 target is cut away entirely is dropped (it would contribute no loss but still cost compute and shift the
 per-batch loss normaliser) and the drop is counted in :class:`TokenizeStats` and logged.
 
@@ -32,11 +37,13 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from mtlora.atomic import current_umask
 from mtlora.data.records import RECORD_FIELDS, build_task_map
 from mtlora.errors import DataError
 
@@ -52,6 +59,7 @@ __all__ = [
     "TokenizeStats",
     "cache_key",
     "cached_tokenize",
+    "char_budget",
     "encode_record",
     "paper_source_text",
     "records_fingerprint",
@@ -94,6 +102,54 @@ def paper_source_text(record: Mapping[str, Any]) -> str:
     """The paper's prompt text *without* the ``</s>`` separator: instruction, then ``\\n`` + input if any."""
     instruction, input_text = record["instruction"], record["input"]
     return f"{instruction}\n{input_text}" if input_text else instruction
+
+
+#: Tokens of slack in :func:`char_budget` beyond ``max_seq_length``: the tokenisation of the last words
+#: before the cut may differ from that of the uncut text, and these tokens absorb that difference.
+CHAR_BUDGET_SLACK_TOKENS = 64
+_MAX_TOKEN_CHARS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def _max_token_chars(tokenizer: Any) -> int | None:
+    """Characters of the longest vocabulary string (an upper bound on the text one token covers), or None.
+
+    SentencePiece pieces (``"▁the"``) and byte-level BPE strings (``"Ġthe"``, one symbol per byte) are at
+    least as long as the text they stand for; byte-fallback pieces (``"<0x0A>"``) and special tokens are
+    longer. Computed once per tokenizer.
+    """
+    try:
+        return _MAX_TOKEN_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # a tokenizer without a vocabulary listing: no safe budget, tokenise in full
+        return None
+    longest = max((len(t) for t in vocab if isinstance(t, str)), default=0)
+    if longest < 1:
+        return None
+    try:
+        _MAX_TOKEN_CHARS[tokenizer] = longest
+    except TypeError:  # not weak-referenceable: recompute next time
+        pass
+    return longest
+
+
+def char_budget(tokenizer: Any, max_seq_length: int) -> int | None:
+    """Characters of a text field kept before tokenising when sequences are cut to ``max_seq_length`` tokens.
+
+    ``(max_seq_length + CHAR_BUDGET_SLACK_TOKENS) * longest token`` characters always tokenise to more than
+    ``max_seq_length`` tokens, so cutting there changes none of the tokens that survive truncation (see the
+    module docstring); None = no budget (the tokenizer does not list its vocabulary).
+    """
+    longest = _max_token_chars(tokenizer)
+    if longest is None:
+        return None
+    return (int(max_seq_length) + CHAR_BUDGET_SLACK_TOKENS) * longest
+
+
+def _cut(text: str, budget: int | None) -> str:
+    return text if budget is None or len(text) <= budget else text[:budget]
 
 
 def _check_template(template: str) -> None:
@@ -167,13 +223,17 @@ def _tokenizer_appends_eos(tokenizer: Any) -> bool:
 
 
 def _encode_paper_batch(
-    records: Sequence[Mapping[str, Any]], tokenizer: Any, add_bos: bool | None
+    records: Sequence[Mapping[str, Any]], tokenizer: Any, add_bos: bool | None, max_seq_length: int
 ) -> list[tuple[list[int], list[int]]]:
     eos = _eos_id(tokenizer)
     literal_ok = _eos_literal_is_eos(tokenizer)
     appends_eos = _tokenizer_appends_eos(tokenizer)
-    sources = [paper_source_text(r) + (PAPER_EOS_LITERAL if literal_ok else "") for r in records]
-    targets = [r["output"] for r in records]
+    budget = char_budget(tokenizer, max_seq_length)
+    # a source past the budget keeps > max_seq_length tokens, so its target is cut away either way
+    sources = [
+        _cut(paper_source_text(r), budget) + (PAPER_EOS_LITERAL if literal_ok else "") for r in records
+    ]
+    targets = [_cut(r["output"], budget) for r in records]
     # verbose=False: the "longer than model_max_length" warning is moot, we truncate ourselves
     source_ids = _ids(tokenizer(sources, add_special_tokens=True, verbose=False))
     target_ids = _ids(tokenizer(targets, add_special_tokens=False, verbose=False))
@@ -195,12 +255,14 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_pro
     return _ids(encoded)
 
 
-def _encode_chat(record: Mapping[str, Any], tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
-    user = {"role": "user", "content": paper_source_text(record)}
+def _encode_chat(
+    record: Mapping[str, Any], tokenizer: Any, where: str, max_seq_length: int
+) -> tuple[list[int], list[int]]:
+    budget = char_budget(tokenizer, max_seq_length)
+    user = {"role": "user", "content": _cut(paper_source_text(record), budget)}
     prompt = _chat_ids(tokenizer, [user], add_generation_prompt=True)
-    full = _chat_ids(
-        tokenizer, [user, {"role": "assistant", "content": record["output"]}], add_generation_prompt=False
-    )
+    assistant = {"role": "assistant", "content": _cut(record["output"], budget)}
+    full = _chat_ids(tokenizer, [user, assistant], add_generation_prompt=False)
     if full[: len(prompt)] != prompt or len(full) == len(prompt):
         raise DataError(
             f"{where}: the tokenizer's chat template does not render the prompt as a prefix of the full "
@@ -232,10 +294,10 @@ def encode_record(
     """
     _check_template(template)
     if template == "paper":
-        [(source, target)] = _encode_paper_batch([record], tokenizer, add_bos)
+        [(source, target)] = _encode_paper_batch([record], tokenizer, add_bos, max_seq_length)
     else:
         _require_chat_template(tokenizer)
-        source, target = _encode_chat(record, tokenizer, "record")
+        source, target = _encode_chat(record, tokenizer, "record", max_seq_length)
     result = _truncate(source, target, max_seq_length)
     return None if result is None else (result[0], result[1])
 
@@ -257,7 +319,11 @@ def _task_ids(records: Sequence[Mapping[str, Any]], task_map: Mapping[str, int])
 
 
 def _encode_paper(
-    records: Sequence[Mapping[str, Any]], tokenizer: Any, add_bos: bool | None, num_proc: int | None
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    add_bos: bool | None,
+    max_seq_length: int,
+    num_proc: int | None,
 ) -> list[tuple[list[int], list[int]]]:
     """Paper-template encoding in batches; ``num_proc`` > 1 spreads the batches over that many processes.
 
@@ -268,14 +334,24 @@ def _encode_paper(
     size = min(_BATCH, -(-len(records) // max(procs, 1)))
     chunks = [records[start : start + size] for start in range(0, len(records), size)]
     if procs <= 1 or len(chunks) <= 1:
-        return [pair for chunk in chunks for pair in _encode_paper_batch(chunk, tokenizer, add_bos)]
+        return [
+            pair
+            for chunk in chunks
+            for pair in _encode_paper_batch(chunk, tokenizer, add_bos, max_seq_length)
+        ]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from itertools import repeat
 
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=procs, mp_context=ctx) as pool:
-        parts = pool.map(_encode_paper_batch, [list(c) for c in chunks], repeat(tokenizer), repeat(add_bos))
+        parts = pool.map(
+            _encode_paper_batch,
+            [list(c) for c in chunks],
+            repeat(tokenizer),
+            repeat(add_bos),
+            repeat(max_seq_length),
+        )
         return [pair for part in parts for pair in part]
 
 
@@ -300,10 +376,10 @@ def _tokenize(
 
     pairs: list[tuple[list[int], list[int]]] = []
     if template == "paper":
-        pairs = _encode_paper(records, tokenizer, add_bos, num_proc)
+        pairs = _encode_paper(records, tokenizer, add_bos, max_seq_length, num_proc)
     else:
         _require_chat_template(tokenizer)
-        pairs = [_encode_chat(r, tokenizer, f"record {i}") for i, r in enumerate(records)]
+        pairs = [_encode_chat(r, tokenizer, f"record {i}", max_seq_length) for i, r in enumerate(records)]
 
     columns: dict[str, list[Any]] = {"input_ids": [], "labels": [], "task_ids": []}
     dropped = truncated = 0
@@ -554,6 +630,7 @@ def cached_tokenize(
     _log_stats(stats)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the cache is shared like any output
     try:
         dataset.save_to_disk(str(tmp))
         meta = {

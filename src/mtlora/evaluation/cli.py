@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlora.errors import MtLoraError
+from mtlora.outputs import add_safety_flags, check_output_dir
 from mtlora.quant import add_quantization_arguments
 from mtlora.quant import from_args as quantization_from_args
 
@@ -138,6 +139,13 @@ def build_parser(
             help="context window from the shot count as released (768 + 256 per exemplar: 2048 at 5-shot), "
             "at most the model's; --max_length wins",
         )
+    p.add_argument(
+        "--allow_beyond_positions",
+        action="store_true",
+        help="accept a --max_length beyond the model's position table (RoPE extrapolates; e.g. to cross-check "
+        "with lm-evaluation-harness at the same length); default: refuse",
+    )
+    add_safety_flags(p)
     return p
 
 
@@ -155,6 +163,44 @@ def released_mmlu_skeleton(root: Path, names: list[str]) -> bool:
     return bool(folders) and all(
         (f / "dataset_dict.json").is_file() and not any(f.rglob("*.arrow")) for f in folders
     )
+
+
+def _result_files(benchmark: str) -> list[str]:
+    return [f"{benchmark}_results.json", f"{benchmark}_results.md"]
+
+
+def _check_max_length(
+    max_length: int | None,
+    model_name_or_path: str | None,
+    lora_checkpoint: str | None,
+    trust_remote_code: bool,
+    allow: bool = False,
+) -> None:
+    """Refuse a ``--max_length`` beyond the model's position table before the weights are loaded: prompts
+    past it run on positions the model never had (learned tables fail, RoPE silently extrapolates). With
+    ``allow`` (``--allow_beyond_positions``) it is only noted on stderr."""
+    if max_length is None:
+        return
+    from mtlora.evaluation.loading import config_max_positions
+    from mtlora.hub import read_adapter_config
+
+    name = model_name_or_path
+    if name is None and lora_checkpoint:
+        name = read_adapter_config(lora_checkpoint).get("base_model_name_or_path")
+    if not name:
+        return
+    limit = config_max_positions(name, trust_remote_code=trust_remote_code)
+    if limit is not None and max_length > limit:
+        if allow:
+            print(
+                f"note: --max_length {max_length} exceeds the model's {limit} positions (--allow_beyond_positions)",
+                file=sys.stderr,
+            )
+            return
+        raise MtLoraError(
+            f"--max_length {max_length}: the model has {limit} positions (max_position_embeddings); "
+            f"use --max_length {limit} or less (default: {limit}), or --allow_beyond_positions"
+        )
 
 
 def _positive(name: str, value: int | None, allow_zero: bool = False) -> None:
@@ -194,7 +240,8 @@ def run(
                 "(add --protocol harness)"
             )
     known = D.MMLU_SUBJECTS if benchmark == "mmlu" else D.BBH_TASKS
-    names = D.select_names(args.names, known, "subject" if benchmark == "mmlu" else "task")
+    flag = "--subjects" if benchmark == "mmlu" else "--tasks"
+    names = D.select_names(args.names, known, "subject" if benchmark == "mmlu" else "task", flag)
     root = D.resolve_data_dir(benchmark, args.data_dir)
     data_label = str(root) if args.data_dir else "bundled"
     if benchmark == "mmlu" and isinstance(root, Path) and released_mmlu_skeleton(root, names):
@@ -211,6 +258,16 @@ def run(
         from mtlora.evaluation.loading import read_adapter_config
 
         read_adapter_config(args.lora_checkpoint)  # missing folder / config: fail before loading anything
+    for flag, folder in (("--output_dir", args.output_dir), ("--logging_dir", args.logging_dir)):
+        if folder:
+            check_output_dir(folder, _result_files(benchmark), overwrite=args.overwrite_output_dir, flag=flag)
+    _check_max_length(
+        args.max_length,
+        args.model_name_or_path,
+        args.lora_checkpoint,
+        args.trust_remote_code,
+        allow=args.allow_beyond_positions,
+    )
 
     t0 = time.perf_counter()
     if benchmark == "mmlu":
@@ -231,6 +288,7 @@ def run(
         import torch
 
         torch.set_num_threads(args.threads)
+    from mtlora.atomic import write_text_atomic
     from mtlora.evaluation.autobatch import RetryingEngine
     from mtlora.evaluation.loading import load_model_for_eval, model_max_length
     from mtlora.evaluation.report import markdown_table, run_metadata, write_json
@@ -243,6 +301,7 @@ def run(
         args.dtype,
         task_id=args.task_id,
         quantization=quant,
+        trust_remote_code=args.trust_remote_code,
     )
     load_seconds = time.perf_counter() - t0
     max_length = args.max_length or model_max_length(loaded)
@@ -321,7 +380,7 @@ def run(
         + (f" + {loaded.lora_checkpoint} ({loaded.adapter_method})" if loaded.lora_checkpoint else "")
     )
     table = markdown_table(title, rows, summary, name_header)
-    (out_dir / f"{benchmark}_results.md").write_text(table + "\n", encoding="utf-8")
+    write_text_atomic(out_dir / f"{benchmark}_results.md", table + "\n")
     if args.logging_dir:
         import shutil
 

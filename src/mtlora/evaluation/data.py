@@ -153,7 +153,9 @@ MMLU_SUBJECTS: tuple[str, ...] = tuple(sorted(MMLU_CATEGORIES))
 HUB_PREFIX = "hf:"  # --data_dir hf:cais/mmlu  -> datasets.load_dataset("cais/mmlu", subject)
 
 
-def select_names(requested: str | list[str] | None, known: tuple[str, ...], what: str) -> list[str]:
+def select_names(
+    requested: str | list[str] | None, known: tuple[str, ...], what: str, flag: str = "--tasks"
+) -> list[str]:
     """Parse ``--tasks``/``--subjects`` (comma list, ``all`` or None) and reject unknown names early.
 
     Failing before the model is loaded matters: a typo should cost a second, not a model load.
@@ -162,7 +164,12 @@ def select_names(requested: str | list[str] | None, known: tuple[str, ...], what
         return list(known)
     names = requested.split(",") if isinstance(requested, str) else list(requested)
     names = [n.strip() for n in names if n.strip()]
-    if not names or names == ["all"]:
+    if not names:  # e.g. --tasks '' from an unset shell variable: never read that as "all of them"
+        raise MtLoraError(
+            f"{flag} {requested!r}: no {what} names given; list {what}s separated by commas, 'all', or omit "
+            f"{flag} for all {len(known)}"
+        )
+    if names == ["all"]:
         return list(known)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -280,6 +287,8 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to parse") from None
 
 
 def _bbh_task_file(root: Path, task: str) -> Path:

@@ -13,6 +13,7 @@ from mtlora.hub import read_adapter_config, resolve_adapter_dir
 
 __all__ = [
     "LoadedModel",
+    "config_max_positions",
     "load_model_for_eval",
     "model_max_length",
     "read_adapter_config",
@@ -64,6 +65,7 @@ def load_model_for_eval(
     dtype: str | None = None,
     task_id: int | None = None,
     quantization: Any = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load tokenizer, base model and adapter (:func:`mtlora.hub.load_model`), frozen, in ``eval()`` mode.
 
@@ -79,7 +81,12 @@ def load_model_for_eval(
     from mtlora.hub import load_model
 
     loaded = load_model(
-        model_name_or_path, lora_checkpoint, device=device, dtype=dtype, quantization=quantization
+        model_name_or_path,
+        lora_checkpoint,
+        device=device,
+        dtype=dtype,
+        quantization=quantization,
+        trust_remote_code=trust_remote_code,
     )
     cfg = loaded.adapter_config or {}
     general = loaded.method == "mmoelora" and bool(cfg.get("mmoelora_general_task"))
@@ -98,9 +105,8 @@ def load_model_for_eval(
     )
 
 
-def model_max_length(loaded: LoadedModel, default: int = 2048) -> int:
-    """Context length the way lm-evaluation-harness resolves it (config, then tokenizer, then default)."""
-    config = getattr(loaded.model, "config", None)
+def _positions(config: Any) -> int | None:
+    """The position-table size a model config declares (text config first, for multimodal models)."""
     text_config = getattr(config, "text_config", None)
     for cfg in (text_config, config):
         if cfg is None:
@@ -109,6 +115,30 @@ def model_max_length(loaded: LoadedModel, default: int = 2048) -> int:
             value = getattr(cfg, attr, None)
             if isinstance(value, int) and value > 0:
                 return value
+    return None
+
+
+def config_max_positions(model_name_or_path: str, *, trust_remote_code: bool = False) -> int | None:
+    """Positions of a model read from its config alone (no weights), or None when the config says nothing
+    or cannot be read here (the model load then reports the problem)."""
+    from transformers import AutoConfig
+
+    from mtlora.hub import resolve_model_path
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_model_path(model_name_or_path), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError):
+        return None
+    return _positions(config)
+
+
+def model_max_length(loaded: LoadedModel, default: int = 2048) -> int:
+    """Context length the way lm-evaluation-harness resolves it (config, then tokenizer, then default)."""
+    value = _positions(getattr(loaded.model, "config", None))
+    if value is not None:
+        return value
     tok_max = getattr(loaded.tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < 10**9:
         return tok_max

@@ -8,13 +8,12 @@ model/adapter identity and settings next to the numbers; a number without those 
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtlora.atomic import write_text_atomic
 from mtlora.evaluation.scoring import mean
 
 
@@ -63,19 +62,8 @@ def run_metadata(loaded: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Write atomically (a crash mid-write never leaves a truncated result file behind)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write atomically (a crash mid-write never leaves a truncated result file behind), umask permissions."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
 def markdown_table(

@@ -25,6 +25,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from mtlora.config import _HIDDEN_FLAGS, MtLoraConfig
 from mtlora.errors import ConfigError
+from mtlora.training.validation import precheck_argv, validate_train_args
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -250,11 +251,14 @@ def parse_train_args(
     if "--released_defaults" in rest:
         rest = [a for a in rest if a != "--released_defaults"]
         parser.set_defaults(**RELEASED_DEFAULTS)
-    _check_deepspeed_installed(rest)
+    precheck_argv(rest)
     try:
         model_args, data_args, adapter, train_args = parser.parse_args_into_dataclasses(args=rest)
     except SystemExit as exc:  # argparse already printed the problem
         raise ConfigError("invalid command line (see the message above)") from exc
+    except ImportError as exc:  # a flag whose package is missing (transformers checks while building them)
+        raise ConfigError(f"invalid command line: {str(exc).strip().splitlines()[0]}") from None
+    validate_train_args(model_args, data_args, adapter, train_args)
     if model_args.model_name_or_path is None:
         raise ConfigError("--model_name_or_path is required")
     if train_args.output_dir is None:
@@ -319,18 +323,3 @@ def _check_released_flags(
             raise ConfigError(f"--orth_reg_weight {train_args.orth_reg_weight}: must be >= 0")
         if adapter.enable_block_adapter:
             raise ConfigError("--enable_block_adapter: adalora adapts component linears only")
-
-
-def _check_deepspeed_installed(argv: list[str]) -> None:
-    """``--deepspeed`` without the package: one line instead of transformers' traceback at parse time."""
-    import importlib.util
-
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--deepspeed=") else None
-        if arg == "--deepspeed" and i + 1 < len(argv):
-            value = argv[i + 1]
-        if value and importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(
-                f"--deepspeed {value}: the deepspeed package is not installed (pip install deepspeed on the GPU "
-                "machine); without DeepSpeed drop the flag and run on one device or with DDP"
-            )

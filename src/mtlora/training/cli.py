@@ -3,6 +3,44 @@
 from __future__ import annotations
 
 import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+from mtlora.errors import MtLoraError, refused_pickle_detail
+
+
+def refused_checkpoint_pickle(exc: BaseException, train_args: Any) -> MtLoraError:
+    """One error line naming the checkpoint file whose pickle ``torch.load(weights_only=True)`` refused.
+
+    The Trainer does not say which file it was loading; on this (rare) path we find it by loading each
+    pickled file of the resumed checkpoint the same safe way.
+    """
+    import torch
+
+    detail = refused_pickle_detail(exc)
+    resume = getattr(train_args, "resume_from_checkpoint", None)
+    folder: Path | None = None
+    if isinstance(resume, str) and resume.lower() not in ("true", "false") and Path(resume).is_dir():
+        folder = Path(resume)
+    elif resume in (True, "True", "true") and train_args.output_dir:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(train_args.output_dir)
+        folder = Path(last) if last else None
+    if folder is not None:
+        for f in sorted(folder.iterdir()):
+            if f.suffix not in (".pt", ".pth", ".bin") or not f.is_file():
+                continue
+            try:
+                torch.load(f, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                return MtLoraError(
+                    f"--resume_from_checkpoint {resume}: {f.name} holds more than tensors and plain values "
+                    f"({detail}); refused to unpickle it (nothing in it was run) -- resume from a checkpoint "
+                    "you trust"
+                )
+    return MtLoraError(f"refused to unpickle a file holding more than tensors and plain values ({detail})")
 
 
 def main(argv: list[str]) -> int:
@@ -24,7 +62,10 @@ def main(argv: list[str]) -> int:
             print(f"composed LoRAHub adapter saved to {adapter_dir}")
         return 0
     model_args, data_args, adapter, train_args = parse_train_args(argv)
-    adapter_dir = train(model_args, data_args, adapter, train_args)
+    try:
+        adapter_dir = train(model_args, data_args, adapter, train_args)
+    except pickle.UnpicklingError as exc:  # the Trainer's torch.load(weights_only=True) refused a file
+        raise refused_checkpoint_pickle(exc, train_args) from None
     if train_args.should_save:
         print(f"adapter saved to {adapter_dir}")
     return 0

@@ -19,24 +19,29 @@ transformers 4.x meaning of the flag; ``--resume_from_checkpoint last`` picks th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import platform
 import subprocess
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
+from mtlora.atomic import atomic_dir, write_text_atomic
 from mtlora.config import MtLoraConfig
-from mtlora.errors import ConfigError
+from mtlora.errors import ConfigError, MtLoraError
 from mtlora.hub import DTYPES, torch_dtype
 from mtlora.training.arguments import DataArguments, ModelArguments, MtLoraTrainingArguments
+from mtlora.training.guards import NonFiniteGuard
 
 
 class LoggingDirLogCallback(TrainerCallback):
@@ -148,6 +153,11 @@ def _compute_dtype(train_args: MtLoraTrainingArguments) -> torch.dtype:
     return torch.bfloat16 if train_args.bf16 else torch.float32
 
 
+def _looks_local(path: str) -> bool:
+    """A path the user meant as a folder (absolute, ./ ../ ~, or more than one /), not a hub id ``org/name``."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep in path[:1]
+
+
 def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArguments) -> tuple[Any, Any]:
     """(model, tokenizer) with the tokenizer defaulting to the model's (the paper code crashed without one).
 
@@ -156,20 +166,37 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mtlora.hub import load_tokenizer, resolve_model_path
+    from mtlora.hub import (
+        load_tokenizer,
+        refused_weights_message,
+        remote_code_message,
+        resolve_model_path,
+    )
     from mtlora.quant import from_args, from_pretrained_kwargs, prepare_for_kbit_training
 
     path = resolve_model_path(model_args.model_name_or_path)
     if os.path.isdir(path) and not Path(path, "config.json").is_file():
         raise ConfigError(f"--model_name_or_path {path}: no config.json in this folder")
+    if not os.path.isdir(path) and _looks_local(path):
+        raise ConfigError(f"--model_name_or_path {path}: no such folder")
     hub = _hub_kwargs(model_args)
     tok_path = model_args.tokenizer_name_or_path or model_args.tokenizer_name or path
-    tokenizer = load_tokenizer(
-        tok_path,
-        use_fast=model_args.use_fast_tokenizer,
-        trust_remote_code=model_args.trust_remote_code,
-        **hub,
-    )
+    try:
+        tokenizer = load_tokenizer(
+            tok_path,
+            use_fast=model_args.use_fast_tokenizer,
+            trust_remote_code=model_args.trust_remote_code,
+            **hub,
+        )
+    except OSError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        given = model_args.tokenizer_name_or_path or model_args.tokenizer_name
+        flag = "--tokenizer_name_or_path" if given else "--model_name_or_path"
+        raise ConfigError(f"{flag} {tok_path}: cannot load the tokenizer ({first})") from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not model_args.trust_remote_code:
+            raise ConfigError(remote_code_message(str(tok_path))) from None
+        raise
     attn = "flash_attention_2" if model_args.flash_attn else model_args.attn_implementation
     kwargs: dict[str, Any] = {
         "dtype": _base_dtype(model_args, train_args),
@@ -198,6 +225,12 @@ def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArgume
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ConfigError(f"--model_name_or_path {path}: cannot load the model ({exc})") from None
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(refused_weights_message(path, exc)) from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not model_args.trust_remote_code:
+            raise ConfigError(remote_code_message(path)) from None
+        raise
     if quant.enabled:
         model = prepare_for_kbit_training(model)
     model.config.use_cache = False
@@ -218,10 +251,11 @@ def load_training_data(
     their ``train.py`` never opened without ``--do_eval``.
     """
     from mtlora.data import build_task_map, cached_tokenize, load_records
+    from mtlora.data.records import record_files
 
-    sources = [data_args.train_file] if data_args.train_file else [data_args.dataset_dir]
-    records = load_records(sources[0])
-    if data_args.max_train_samples:
+    source = data_args.train_file or data_args.dataset_dir
+    records = load_records(source)
+    if data_args.max_train_samples is not None:  # >= 1, checked at parse time
         records = records[: data_args.max_train_samples]
     eval_records = load_records(data_args.validation_file) if evaluate and data_args.validation_file else None
     if evaluate and data_args.validation_split_percentage and eval_records is None:
@@ -241,7 +275,7 @@ def load_training_data(
         evald = cached_tokenize(
             eval_records, tokenizer, data_args.max_seq_length, data_args.template, task_map, **tok_kwargs
         )
-    files = [Path(sources[0])] if Path(sources[0]).is_file() else sorted(Path(sources[0]).glob("*.json*"))
+    files = record_files(source)  # exactly the files load_records read (the manifest hashes them)
     if evaluate and data_args.validation_file:
         files.append(Path(data_args.validation_file))
     return train, evald, task_map, files
@@ -309,6 +343,34 @@ def _adalora_model(
         return PeftModel.from_pretrained(model, model_args.peft_path, is_trainable=True)
     targets = adapter.target_modules or default_target_modules(model)
     return get_adalora_model(model, adapter, train_args, num_examples, list(targets))
+
+
+@contextlib.contextmanager
+def final_adapter_folder(adapter_dir: Path) -> Iterator[Path]:
+    """Stage ``sft_lora_model`` and publish it as a unit when the block ends (:func:`mtlora.atomic.atomic_dir`).
+
+    A kill or a failure (full disk, permissions) at any point leaves the previous adapter folder intact; a
+    failure is one ``error:`` line naming the folder (the training itself is in the checkpoints).
+    """
+    from safetensors import SafetensorError
+
+    try:
+        with atomic_dir(adapter_dir) as tmp:
+            yield tmp
+    except (OSError, SafetensorError) as exc:  # full disk, quota, permissions (safetensors wraps its own)
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise MtLoraError(
+            f"cannot save the adapter to {adapter_dir}: {reason} (any previous adapter there is intact; the "
+            "trained weights are in the last checkpoint, if --save_strategy wrote one)"
+        ) from None
+
+
+def save_final_adapter(model: Any, adapter_dir: Path, tokenizer: Any, task_map: dict[str, int]) -> None:
+    """Adapter, config, tokenizer and task map as one unit in ``adapter_dir`` (see :func:`final_adapter_folder`)."""
+    from mtlora.training.trainer import save_adapter
+
+    with final_adapter_folder(adapter_dir) as tmp:
+        save_adapter(model, tmp, tokenizer, task_map)
 
 
 def train(
@@ -398,7 +460,7 @@ def train(
         "adapter": adapter_record,
         "training": json.loads(train_args.to_json_string()),
     }
-    (out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+    write_text_atomic(out / "run_config.json", json.dumps(run_config, indent=2, default=str) + "\n")
     trainable, total = peft_model.get_nb_trainable_parameters()
 
     trainer = trainer_cls(
@@ -408,7 +470,10 @@ def train(
         eval_dataset=eval_ds,
         data_collator=DataCollatorForInstructions.from_tokenizer(tokenizer),
         processing_class=tokenizer,
-        callbacks=[JsonlLogCallback(out / "train_log.jsonl", resuming=resume is not None)]
+        callbacks=[
+            JsonlLogCallback(out / "train_log.jsonl", resuming=resume is not None),
+            NonFiniteGuard(str(out)),
+        ]
         + [LoggingDirLogCallback(d / "train_log.jsonl", resuming=resume is not None) for d in log_dirs[1:]],
         **trainer_kwargs,
     )
@@ -417,7 +482,8 @@ def train(
     finish_logs(trainer, train_args, result, eval_ds, len(train_ds))
     adapter_dir = out / "sft_lora_model"
     if trainer.args.should_save:
-        save_adapter(peft_model, adapter_dir, tokenizer, task_map)
+        with final_adapter_folder(adapter_dir) as staged:  # published whole, or the old one stays
+            save_adapter(peft_model, staged, tokenizer, task_map)
         spectral = getattr(trainer, "spectral", None)  # MtLoraTrainer only
         manifest = {
             "mtlora_version": __import__("mtlora").__version__,
@@ -438,5 +504,5 @@ def train(
             "seconds": round(time.time() - t0, 2),
             "spectral_applications": spectral.num_applications if spectral else 0,
         }
-        (out / "run_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_text_atomic(out / "run_manifest.json", json.dumps(manifest, indent=2) + "\n")
     return adapter_dir
