@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check (< 10 minutes on a single H200): bf16, random-initialised weights, no downloads.
+# One prepared GPU check on a single H200: bf16, random-initialised weights, no downloads. The steps' limits
+# sum to 555 s, under the 600 s a device command may run (tests/test_benchmarks_gpu_check.py keeps it so).
 #   1. layer_speed at full shapes (d=4096, r=16, E=16, 2048 tokens; scalar and FGR) on CUDA
 #   2. train_step on a LLaMA-2-7B-shaped model (32 layers): lora, hydralora (q,v), block-FFN+FGR, full mtLoRA
 #   3. eval throughput (MMLU harness protocol on the bundled tiny model, GPU path)
@@ -17,19 +18,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
 echo "== layer_speed (cuda, bf16)"
-timeout 150 $PY benchmarks/layer_speed.py --device cuda --dtype bfloat16 --out "$OUTDIR/layer_speed_cuda.json" || echo "layer_speed failed: $?"
+timeout 120 $PY benchmarks/layer_speed.py --device cuda --dtype bfloat16 --out "$OUTDIR/layer_speed_cuda.json" || echo "layer_speed failed: $?"
 
 echo "== train_step (LLaMA-2-7B shape, 32 layers, bf16, 2 x 1024 tokens)"
-timeout 240 $PY benchmarks/train_step.py --device cuda --dtype bfloat16 --layers 32 --batch 2 --tokens 1024 \
+timeout 210 $PY benchmarks/train_step.py --device cuda --dtype bfloat16 --layers 32 --batch 2 --tokens 1024 \
   --vocab 32000 --repeats 5 --methods lora,hydralora,block_ffn_fgr,mtlora_full \
   --out "$OUTDIR/train_step_cuda.json" || echo "train_step failed: $?"
 
 echo "== eval throughput (cuda)"
 if [ -f benchmarks/eval_speed.py ]; then
-  timeout 90 $PY benchmarks/eval_speed.py --device cuda --json "$OUTDIR/eval_speed_cuda.json" || echo "eval_speed failed: $?"
+  timeout 75 $PY benchmarks/eval_speed.py --device cuda --json "$OUTDIR/eval_speed_cuda.json" || echo "eval_speed failed: $?"
 fi
 echo "== qlora memory (cuda, bf16 compute; 16 vs 8 vs 4-bit base, 8 LLaMA-2-7B layers, 1 x 1024 tokens)"
-timeout 180 $PY benchmarks/qlora_memory.py --device cuda --dtype bfloat16 --layers 8 --vocab 32000 --tokens 1024 \
+timeout 150 $PY benchmarks/qlora_memory.py --device cuda --dtype bfloat16 --layers 8 --vocab 32000 --tokens 1024 \
   --batch 1 --gradient_checkpointing --adapter mtlora --kbits 16,8,4 \
   --out "$OUTDIR/qlora_memory_cuda.json" || echo "qlora_memory failed: $?"
 ls -l "$OUTDIR"

@@ -40,3 +40,9 @@ def test_gpu_check_flags_exist_in_each_benchmark() -> None:
         missing = [f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", helptext)]
         assert not missing, f"{script}: gpu_check.sh passes unknown flags {missing}"
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+
+
+def test_gpu_check_step_limits_fit_one_device_command() -> None:
+    """A device command may run 600 s; the steps' ``timeout`` limits must leave room for start-up."""
+    limits = [int(x) for x in re.findall(r"(?m)^\s*timeout (\d+) ", SCRIPT.read_text())]
+    assert len(limits) == 4 and sum(limits) <= 560, limits

@@ -236,9 +236,12 @@ def _config_file_argv(path: str) -> list[str]:
 
 
 def parse_train_args(
-    argv: list[str], prog: str = "mtlora train"
+    argv: list[str], prog: str = "mtlora train", check_paths: bool = True
 ) -> tuple[ModelArguments, DataArguments, MtLoraConfig, MtLoraTrainingArguments]:
-    """Parse the command line (and ``--config`` file) into the four argument dataclasses, validated."""
+    """Parse the command line (and ``--config`` file) into the four argument dataclasses, validated.
+
+    ``check_paths=False`` skips only the checks that the named data/adapter/output paths exist and are usable,
+    so a command meant for another machine (a cluster's data folders) can be checked flag by flag here."""
     if any(a in ("-h", "--help") for a in argv):
         build_parser(prog).print_help()
         raise SystemExit(0)
@@ -258,7 +261,7 @@ def parse_train_args(
         raise ConfigError("invalid command line (see the message above)") from exc
     except ImportError as exc:  # a flag whose package is missing (transformers checks while building them)
         raise ConfigError(f"invalid command line: {str(exc).strip().splitlines()[0]}") from None
-    validate_train_args(model_args, data_args, adapter, train_args)
+    validate_train_args(model_args, data_args, adapter, train_args, check_paths=check_paths)
     if model_args.model_name_or_path is None:
         raise ConfigError("--model_name_or_path is required")
     if train_args.output_dir is None:

@@ -81,9 +81,12 @@ def _check_path_is_folder(flag: str, value: str | None) -> None:
         raise ConfigError(f"{flag} {value}: exists and is not a folder")
 
 
-def validate_train_args(model_args: Any, data_args: Any, adapter: Any, train_args: Any) -> None:
+def validate_train_args(
+    model_args: Any, data_args: Any, adapter: Any, train_args: Any, check_paths: bool = True
+) -> None:
     """Range, finiteness and path checks of the parsed training arguments (the adapter config validates
-    itself, non-finite values included, in :meth:`mtlora.config.MtLoraConfig.validate`)."""
+    itself, non-finite values included, in :meth:`mtlora.config.MtLoraConfig.validate`); ``check_paths=False``
+    leaves out the path checks, for commands meant for another machine."""
     for obj in (model_args, data_args, train_args):
         _check_finite(obj)
     for name, low in _MIN_INT.items():
@@ -99,6 +102,12 @@ def validate_train_args(model_args: Any, data_args: Any, adapter: Any, train_arg
         if value < low or (high is not None and value >= high):
             rng = f">= {low:g}" if high is None else f"in [{low:g}, {high:g})"
             raise ConfigError(f"--{name} {value}: must be {rng}")
+    if check_paths:
+        _check_paths(model_args, data_args, train_args)
+
+
+def _check_paths(model_args: Any, data_args: Any, train_args: Any) -> None:
+    """The named paths exist and have the right kind, so a typo fails here and not after the model loaded."""
     try:
         check_output_dir(train_args.output_dir, overwrite=True)
     except Exception as exc:  # MtLoraError: re-raise as a training config error with the same text
