@@ -460,7 +460,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     common = dict(
         model_name_or_path=BUNDLED_MODEL, device="cpu", train_per_task=ns.train_per_task,
         test_per_task=ns.test_per_task, batch_size=ns.batch_size, learning_rate=ns.learning_rate,
-        lora_rank=ns.lora_rank, eval_batch_size=ns.eval_batch_size, epochs=None, train_args="",
+        lora_rank=ns.lora_rank, eval_batch_size=ns.eval_batch_size, epochs=None, train_args="--disable_tqdm True",
     )  # fmt: skip
 
     suite = build_suite(ns.num_tasks, ns.train_per_task, ns.test_per_task, ns.data_seed)
