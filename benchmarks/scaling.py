@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON path; the PNGs go next to it (default results/scaling[_fixed][_quick].json).",
     )
     p.add_argument("--keep_runs", action="store_true", help="Keep the trained adapters under cache_dir/work.")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="Reuse the finished runs of an interrupted invocation with the same settings (each run is "
+        "appended to cache_dir/<out stem>.runs.jsonl as it finishes).",
+    )
     p.add_argument("--quick", action="store_true", help="N=5,15, lora/hydralora/mtlora, 1 seed (< 5 min).")
     return p
 
@@ -406,12 +412,17 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     machine = _common.machine_info("cpu")
     cache_dir: Path = ns.cache_dir
-    work = cache_dir / "work"
+    # one work folder per output file, so that two protocols can run side by side on one cache
+    work = cache_dir / ("work" if ns.out.stem == "scaling" else f"work-{ns.out.stem}")
     common = dict(
         model_name_or_path=BUNDLED_MODEL, device="cpu", train_per_task=ns.train_per_task,
         test_per_task=ns.test_per_task, batch_size=ns.batch_size, learning_rate=ns.learning_rate,
-        lora_rank=ns.lora_rank, eval_batch_size=ns.eval_batch_size, epochs=None, train_args="",
+        lora_rank=ns.lora_rank, eval_batch_size=ns.eval_batch_size, epochs=None, train_args="--disable_tqdm True",
     )  # fmt: skip
+    journal = cache_dir / f"{ns.out.stem}.runs.jsonl"
+    done = load_journal(journal) if ns.resume else {}
+    if not ns.resume:
+        journal.unlink(missing_ok=True)
 
     # The base is pre-trained once: the test inputs depend only on (data_seed, test_per_task), so every N
     # excludes the same inputs and shares one cached base.
@@ -437,6 +448,13 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         steps = steps_for(n, ns)
         for seed in ns.seeds:
             for method in ns.methods:
+                key = run_key(ns, n, method, seed)
+                if key in done:
+                    runs.append(done[key])
+                    print(
+                        f"[{len(runs)}/{total}] N={n} {method} seed={seed}: reused from {journal}", flush=True
+                    )
+                    continue
                 t0 = time.time()
                 run_ns = argparse.Namespace(**common, seed=seed, max_steps=steps)
                 manifest = train_method(method, base_path, data_dir, out, run_ns, flags=METHODS[method])
@@ -464,6 +482,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                     "wall_seconds": round(time.time() - t0, 2),
                 }
                 runs.append(row)
+                append_journal(journal, key, row)
                 print(
                     f"[{len(runs)}/{total}] N={n} {method} seed={seed} steps={steps}: "
                     f"acc={100 * row['accuracy']:.1f}% "
@@ -516,7 +535,48 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     plot_first_tasks(results, first_tasks_png(out_json))
     if not ns.keep_runs:
         shutil.rmtree(work, ignore_errors=True)
+    journal.unlink(missing_ok=True)  # everything is in the JSON now
     return results
+
+
+def run_key(ns: argparse.Namespace, n: int, method: str, seed: int) -> str:
+    """Everything that determines one run's result (for ``--resume``): a finished run is reused only when
+    its data, base, budget and flags are exactly those of this invocation."""
+    import hashlib
+    import json
+
+    fields = {
+        "n": n, "method": method, "flags": METHODS[method], "seed": seed, "steps": steps_for(n, ns),
+        "data_seed": ns.data_seed, "train_per_task": ns.train_per_task, "test_per_task": ns.test_per_task,
+        "batch_size": ns.batch_size, "learning_rate": ns.learning_rate, "lora_rank": ns.lora_rank,
+        "pretrain_steps": ns.pretrain_steps, "niv1": ns.niv1_dir and str(Path(ns.niv1_dir).resolve()),
+        "niv1_input_words": ns.niv1_input_words,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_journal(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished runs by key; a torn last line (the process was killed while writing) is ignored."""
+    import json
+
+    done: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[entry["key"]] = entry["row"]
+    return done
+
+
+def append_journal(path: Path, key: str, row: dict[str, Any]) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"key": key, "row": row}) + "\n")
 
 
 def report(results: dict[str, Any]) -> list[str]:
