@@ -215,4 +215,5 @@ def test_mechanisms_tiny(tmp_path, capsys) -> None:
     a = data["panels"]["1A"]
     assert set(a["summary"]["uniform"]) == {"0", "0.5"}
     assert a["summary"]["uniform"]["0"]["seeds"] == [0]
+    assert a["summary"]["uniform"]["0"]["accuracy_delta"]["mean"] == 0.0  # λ = 0 is its own baseline
     assert not (tmp_path / "cache" / "work-mechanisms").exists()  # adapters removed unless --keep_runs
