@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="JSON path (default results/mechanisms[_quick].json).")
     p.add_argument("--keep_runs", action="store_true", help="Keep the trained adapters under cache_dir/work.")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="Reuse the finished runs of an interrupted invocation with the same settings (each run is "
+        "appended to cache_dir/<out stem>.runs.jsonl as it finishes).",
+    )
     return p
 
 
@@ -501,8 +507,21 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     gradients: list[dict[str, Any]] = []
     spectral: list[dict[str, Any]] = []
+    journal = ns.cache_dir / f"{ns.out.stem}.runs.jsonl"
+    done = _journal_read(journal) if ns.resume else {}
+    if not ns.resume:
+        journal.unlink(missing_ok=True)
     for seed in ns.seeds:
         for name, mode, lam, flags in plan:
+            key = run_key(ns, name, flags, seed)
+            if key in done:
+                entry = done[key]
+                runs.append(entry["row"])
+                gradients.extend(entry["gradients"])
+                spectral.extend(entry["spectral"])
+                print(f"[{len(runs)}/{total}] {name} seed={seed}: reused from {journal}", flush=True)
+                continue
+            n_grad, n_spec = len(gradients), len(spectral)
             t0, c0 = time.time(), time.process_time()
             run_ns = argparse.Namespace(**common, seed=seed, max_steps=ns.steps)
             manifest = train_method(f"{name}-s{seed}", base_path, data_dir, work, run_ns, flags=flags)
@@ -546,6 +565,10 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             row["wall_seconds"] = round(time.time() - t0, 2)
             row["cpu_seconds"] = round(time.process_time() - c0, 2)
             runs.append(row)
+            _journal_append(
+                journal,
+                {"key": key, "row": row, "gradients": gradients[n_grad:], "spectral": spectral[n_spec:]},
+            )
             print(f"[{len(runs)}/{total}] {name} seed={seed}: acc={100 * row['accuracy']:.1f}% "
                   f"H={row['routing_entropy']:.3f} gap={row['orthogonality_gap']:.3f} "
                   f"loss={row['train_loss']:.3f} ({row['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
@@ -604,6 +627,45 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     if not ns.keep_runs:
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def run_key(ns: argparse.Namespace, name: str, flags: Sequence[str], seed: int) -> str:
+    """Everything that determines one run's measurements (``--resume`` reuses a run only on an exact match)."""
+    import hashlib
+    import json
+
+    fields = {
+        "name": name, "flags": list(flags), "seed": seed, "panels": ns.panels,
+        **{k: getattr(ns, k) for k in ("num_tasks", "train_per_task", "test_per_task", "steps", "batch_size",
+                                       "learning_rate", "lora_rank", "experts", "grad_batches", "grad_batch_size",
+                                       "entropy_examples", "pretrain_steps", "data_seed")},
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _journal_read(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished runs by key; a torn last line (the process was killed while writing) is ignored."""
+    import json
+
+    done: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[entry["key"]] = entry
+    return done
+
+
+def _journal_append(path: Path, entry: dict[str, Any]) -> None:
+    import json
+
+    from mtlora.analysis.common import clean_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(clean_json(entry)) + "\n")
 
 
 def panel_png(out_json: Path, panel: str) -> Path:

@@ -439,14 +439,22 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
 
     runs: list[dict[str, Any]] = []
     total = len(ns.ns) * len(ns.methods) * len(ns.seeds)
+    suites: dict[int, tuple[Path, Path, list[Any], int]] = {}
     for n in ns.ns:
         suite = build_scaling_suite(n, ns)
         out = work / f"n{n}"
-        data_dir = suite.write(out / "data")
-        test = suite.test_records()
-        budget = _answer_budget(suite.train, tokenizer)
-        steps = steps_for(n, ns)
-        for seed in ns.seeds:
+        suites[n] = (
+            out,
+            suite.write(out / "data"),
+            suite.test_records(),
+            _answer_budget(suite.train, tokenizer),
+        )
+    # Seed-major order: each seed completes a whole curve over N before the next one starts, so an
+    # interrupted invocation (see --resume) already holds complete curves.
+    for seed in ns.seeds:
+        for n in ns.ns:
+            out, data_dir, test, budget = suites[n]
+            steps = steps_for(n, ns)
             for method in ns.methods:
                 key = run_key(ns, n, method, seed)
                 if key in done:
@@ -535,7 +543,6 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     plot_first_tasks(results, first_tasks_png(out_json))
     if not ns.keep_runs:
         shutil.rmtree(work, ignore_errors=True)
-    journal.unlink(missing_ok=True)  # everything is in the JSON now
     return results
 
 

@@ -217,3 +217,20 @@ def test_mechanisms_tiny(tmp_path, capsys) -> None:
     assert a["summary"]["uniform"]["0"]["seeds"] == [0]
     assert a["summary"]["uniform"]["0"]["accuracy_delta"]["mean"] == 0.0  # λ = 0 is its own baseline
     assert not (tmp_path / "cache" / "work-mechanisms").exists()  # adapters removed unless --keep_runs
+
+
+def test_resume_journal(tmp_path) -> None:
+    """A finished run is reused only under exactly the same settings; a torn last line is ignored."""
+    ns = _resolve("--experts", "4")
+    flags = mechanisms.component_flags(ns)
+    key = mechanisms.run_key(ns, "component", flags, 1)
+    assert key == mechanisms.run_key(_resolve("--experts", "4"), "component", flags, 1)
+    assert key != mechanisms.run_key(ns, "component", flags, 2)
+    assert key != mechanisms.run_key(_resolve("--experts", "4", "--steps", "7"), "component", flags, 1)
+    assert key != mechanisms.run_key(_resolve("--experts", "4", "--panels", "1A"), "component", flags, 1)
+    path = tmp_path / "m.runs.jsonl"
+    mechanisms._journal_append(path, {"key": key, "row": {"accuracy": 0.5}, "gradients": [], "spectral": []})
+    path.write_text(path.read_text() + '{"key": "to')
+    assert mechanisms._journal_read(path) == {
+        key: {"key": key, "row": {"accuracy": 0.5}, "gradients": [], "spectral": []}
+    }

@@ -134,7 +134,7 @@ def test_scaling_fixed_budget_tiny(tmp_path, capsys) -> None:
     assert scaling.main([*argv, "--resume"]) == 0
     text = capsys.readouterr().out
     assert "N=2 lora seed=0: reused from" in text
-    assert not journal.exists()  # deleted once everything is in the JSON
+    assert len(scaling.load_journal(journal)) == 4  # kept (cache): a later --resume with more seeds reuses it
     lines = text.strip().splitlines()
     for line, method in zip(lines[-2:], ("lora", "hydralora")):
         assert re.fullmatch(rf"method={method} tasks=3 acc=[0-9.]+±[0-9.]+", line), line
