@@ -462,7 +462,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(ns.num_threads)
     machine = _common.machine_info("cpu")
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    work = ns.cache_dir / "work-mechanisms"
+    # one work folder per output file: a --quick run next to a full one must not delete its runs
+    work = ns.cache_dir / f"work-{ns.out.stem}"
     shutil.rmtree(work, ignore_errors=True)
     common = dict(
         model_name_or_path=BUNDLED_MODEL, device="cpu", train_per_task=ns.train_per_task,

@@ -216,7 +216,7 @@ def test_mechanisms_tiny(tmp_path, capsys) -> None:
     assert set(a["summary"]["uniform"]) == {"0", "0.5"}
     assert a["summary"]["uniform"]["0"]["seeds"] == [0]
     assert a["summary"]["uniform"]["0"]["accuracy_delta"]["mean"] == 0.0  # λ = 0 is its own baseline
-    assert not (tmp_path / "cache" / "work-mechanisms").exists()  # adapters removed unless --keep_runs
+    assert not (tmp_path / "cache" / "work-mech").exists()  # adapters removed unless --keep_runs
 
 
 def test_resume_journal(tmp_path) -> None:
