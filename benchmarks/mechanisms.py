@@ -958,6 +958,64 @@ def plot_1a(results: dict[str, Any], path: Path) -> Path:
 PLOTS = {"1A": plot_1a, "1B": plot_1b, "1C": plot_1c}
 
 
+def _pm(cell: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    if cell["mean"] is None:
+        return "n/a"
+    return f"{scale * cell['mean']:.{digits}f} ± {scale * cell['std']:.{digits}f}"
+
+
+def _bands_pm(cell: dict[str, Any]) -> str:
+    if cell["mean"] is None:
+        return "n/a"
+    return " / ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(cell["mean"], cell["std"]))
+
+
+def tables(results: dict[str, Any]) -> str:
+    """Markdown tables of every panel (mean ± std over seeds), as benchmarks/README.md quotes them."""
+    p, out = results["panels"], []
+    seeds = ",".join(str(s) for s in results["config"]["seeds"])
+    if "1C" in p:
+        out.append(f"1C: task-gradient cosines, component vs block (seeds {seeds})\n")
+        out.append(
+            "| stage | reading | negative pairs comp (%) | block (%) | mean cos comp | block | reduction (%) |"
+        )
+        out.append("|---|---|---:|---:|---:|---:|---:|")
+        for stage in ("init", "trained"):
+            for reading in ("layer_mean", "pooled", "concatenated"):
+                r = p["1C"][stage][reading]
+                out.append(
+                    f"| {stage} | {reading} | {_pm(r['negative_share']['component'])} | "
+                    f"{_pm(r['negative_share']['block'])} | {_pm(r['mean_cos']['component'], 1, 4)} | "
+                    f"{_pm(r['mean_cos']['block'], 1, 4)} | {_pm(r['mean_cos_reduction'], 100, 0)} |"
+                )
+    if "1B" in p:
+        out.append(f"\n1B: shares per band top / middle / tail in % (seeds {seeds})\n")
+        out.append("| level | bands | alignment | SV importance | σ·σ only | abs cos only |")
+        out.append("|---|---|---|---|---|---|")
+        for level in ("expert_level", "task_level"):
+            for split in BAND_SPLITS:
+                c = p["1B"][level][split]
+                out.append(
+                    f"| {level} | {split} | {_bands_pm(c['alignment_percent'])} | "
+                    f"{_bands_pm(c['importance_percent'])} | {_bands_pm(c['magnitude_only_percent'])} | "
+                    f"{_bands_pm(c['direction_only_percent'])} |"
+                )
+    if "1A" in p:
+        out.append(f"\n1A: λ sweep on HydraLoRA (seeds {seeds})\n")
+        out.append("| term | λ | exact match (%) | change vs λ=0 (points) | routing entropy | orthogonality gap |"
+                   " top-20% SV importance (%) |")  # fmt: skip
+        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        for mode in p["1A"]["modes"]:
+            for lam in p["1A"]["lambdas"]:
+                c = p["1A"]["summary"][mode][f"{lam:g}"]
+                out.append(
+                    f"| {mode} | {lam:g} | {_pm(c['accuracy'])} | {_pm(c['accuracy_delta'])} | "
+                    f"{_pm(c['routing_entropy'], 1, 3)} | {_pm(c['orthogonality_gap'], 1, 3)} | "
+                    f"{_pm(c['top_band_importance_top20'], 1, 1)} |"
+                )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = resolve(build_parser().parse_args(argv))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -965,6 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with _quiet_libraries():
         results = run(ns)
+    print("\n" + tables(results))
     pngs = ", ".join(str(panel_png(ns.out, p)) for p in results["panels"])
     print(f"\ntotal {results['total_seconds']:.0f} s; wrote {ns.out} and {pngs}")
     print("\n".join(results["lines"]), flush=True)
