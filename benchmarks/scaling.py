@@ -77,7 +77,7 @@ FIXED_TOTAL_STEPS, QUICK_FIXED_TOTAL_STEPS = 800, 240
 #: Natural Instructions examples kept for the suite: exact match is only meaningful for short answers.
 NIV1_MAX_OUTPUT_WORDS = 3
 #: Their prompts are cut to the task's name and the last words of the input (see ``compact_niv1``).
-NIV1_INPUT_WORDS = 32
+NIV1_INPUT_WORDS = 12
 
 
 def default_out(budget: str, quick: bool) -> Path:
@@ -552,13 +552,16 @@ def run_key(ns: argparse.Namespace, n: int, method: str, seed: int) -> str:
     import hashlib
     import json
 
+    from mtlora.data.manytask import TASKS
+
     fields = {
         "n": n, "method": method, "flags": METHODS[method], "seed": seed, "steps": steps_for(n, ns),
         "data_seed": ns.data_seed, "train_per_task": ns.train_per_task, "test_per_task": ns.test_per_task,
         "batch_size": ns.batch_size, "learning_rate": ns.learning_rate, "lora_rank": ns.lora_rank,
-        "pretrain_steps": ns.pretrain_steps, "niv1": ns.niv1_dir and str(Path(ns.niv1_dir).resolve()),
-        "niv1_input_words": ns.niv1_input_words,
+        "pretrain_steps": ns.pretrain_steps,
     }  # fmt: skip
+    if n > len(TASKS):  # only then do the Natural Instructions tasks take part
+        fields |= {"niv1": str(Path(ns.niv1_dir).resolve()), "niv1_input_words": ns.niv1_input_words}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
