@@ -2,10 +2,21 @@
 
 For each N in ``--ns`` (default 5, 10, 15, 25; ``--extended`` adds 36, the whole suite) this trains every
 method on the first N tasks of the many-task letter suite (:mod:`mtlora.data.manytask`) and scores exact match
-on unseen test inputs. Methods (``--methods``): ``lora``, ``hydralora`` and the rows of the paper's Table 2
-ablation -- HydraLoRA -> ``block_ffn`` -> ``block_ffn_spectral`` / ``block_ffn_fgr`` -> ``mtlora`` (block FFN +
-spectral + FGR); ``mmoelora`` and ``lorahub`` are optional. Each (N, method, seed) gets the same budget: ``steps(N) =
-clamp(steps_per_task * N, min_steps, max_steps)`` optimizer steps at one batch size, learning rate and rank.
+on unseen test inputs. With ``--niv1_dir`` an N above 36 appends that many Natural Instructions v1 tasks
+(short-answer examples only) after the 36 letter tasks. Methods (``--methods``): ``lora``, ``hydralora`` and the
+rows of the paper's Table 2 ablation -- HydraLoRA -> ``block_ffn`` -> ``block_ffn_spectral`` / ``block_ffn_fgr``
+-> ``mtlora`` (block FFN + spectral + FGR); ``mmoelora`` and ``lorahub`` are optional.
+
+Budget protocols (``--budget``), the same for every method at a given N (one batch size, learning rate, rank):
+
+* ``per_task`` (default, the original protocol): ``steps(N) = clamp(steps_per_task * N, min_steps,
+  max_steps)``, i.e. a fixed number of steps per task, so the budget grows with N;
+* ``fixed``: every N gets the same ``--total_steps``, so each added task takes steps away from the others.
+  This is the protocol under which a collapse with N can show at all (the per-task protocol adds training
+  with every task).
+
+For every N the summary keeps the per-task accuracy of the first ``--first_tasks`` (5) tasks, which are in
+every N: how the tasks one started with fare as tasks are added.
 
 Reuses :mod:`mtlora.demo` (no copies): the tiny bundled base (stories260k) is pre-trained once on 18
 non-evaluated tasks (``pretrain_base``, cached under ``--cache_dir``), each method is trained through
@@ -19,8 +30,10 @@ changes the training seed (adapter initialisation, data order). Mean +- sample s
 Nothing is tuned on the test split. Besides the average over all N tasks, the summary has ``common_mean``:
 the average over the first ``min(N)`` tasks only, which are present at every N (task difficulty cancels).
 
-Writes ``benchmarks/results/scaling.json`` and ``scaling.png``; the output ends with one line per method,
-``method=<m> tasks=<N> acc=<mean>±<std>`` (exact match in %, for the largest N).
+Writes ``benchmarks/results/scaling.json`` (``--budget fixed``: ``scaling_fixed.json``; ``--quick`` adds
+``_quick``, so a smoke run never replaces full results), the PNG next to it and ``<name>_first_tasks.png``;
+the output ends with one line per method, ``method=<m> tasks=<N> acc=<mean>±<std>`` (exact match in %, for
+the largest N).
 """
 
 from __future__ import annotations
@@ -57,7 +70,19 @@ METHODS: dict[str, list[str]] = {
 }
 DEFAULT_METHODS = ("lora", "hydralora", "block_ffn", "block_ffn_spectral", "block_ffn_fgr", "mtlora")
 QUICK_METHODS = ("lora", "hydralora", "mtlora")
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scaling.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+BUDGETS = ("per_task", "fixed")
+#: Default total steps of ``--budget fixed`` (full / quick): the per-task protocol's budget at N = 25 / N = 7.5.
+FIXED_TOTAL_STEPS, QUICK_FIXED_TOTAL_STEPS = 800, 240
+#: Natural Instructions examples kept for the suite: exact match is only meaningful for short answers.
+NIV1_MAX_OUTPUT_WORDS = 3
+#: Their prompts are cut to the task's name and the last words of the input (see ``compact_niv1``).
+NIV1_INPUT_WORDS = 12
+
+
+def default_out(budget: str, quick: bool) -> Path:
+    """``results/scaling[_fixed][_quick].json``: each protocol and the smoke runs keep their own file."""
+    return RESULTS / f"scaling{'_fixed' if budget == 'fixed' else ''}{'_quick' if quick else ''}.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data_seed", type=int, default=42, help="Seed of the suite and of the base pre-training."
     )
-    p.add_argument("--steps_per_task", type=int, default=32, help="Optimizer steps per task (equal budget).")
+    p.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default="per_task",
+        help="per_task: steps = clamp(steps_per_task*N, min, max) (grows with N); fixed: --total_steps at every N.",
+    )
+    p.add_argument(
+        "--total_steps",
+        type=int,
+        default=None,
+        help=f"--budget fixed: optimizer steps of every run (default {FIXED_TOTAL_STEPS}; quick "
+        f"{QUICK_FIXED_TOTAL_STEPS}).",
+    )
+    p.add_argument(
+        "--steps_per_task", type=int, default=32, help="--budget per_task: optimizer steps per task."
+    )
     p.add_argument("--min_steps", type=int, default=100, help="Lower clamp on the steps of one run.")
     p.add_argument(
         "--max_steps", type=int, default=1000, help="Upper clamp (in the default grid only N=36 hits it)."
@@ -88,8 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache_dir", default=None, help="Pre-trained base + work folder (default results/cache)."
     )
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON path; the PNG goes next to it.")
+    p.add_argument(
+        "--niv1_dir",
+        default=None,
+        help="Natural Instructions v1 folder (e.g. ../shared/data/natural_instructions_v1): N above 36 "
+        "appends N - 36 of its tasks (answers of at most 3 words) after the letter tasks.",
+    )
+    p.add_argument(
+        "--niv1_input_words",
+        type=int,
+        default=NIV1_INPUT_WORDS,
+        help="Natural Instructions prompts: the task's name as instruction and the last this-many words of "
+        "the input (the full prompts are 300-1700 tokens, beyond the tiny base's 512 positions).",
+    )
+    p.add_argument(
+        "--first_tasks", type=int, default=5, help="Report the per-task accuracy of this many first tasks."
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON path; the PNGs go next to it (default results/scaling[_fixed][_quick].json).",
+    )
     p.add_argument("--keep_runs", action="store_true", help="Keep the trained adapters under cache_dir/work.")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="Reuse the finished runs of an interrupted invocation with the same settings (each run is "
+        "appended to cache_dir/<out stem>.runs.jsonl as it finishes).",
+    )
     p.add_argument("--quick", action="store_true", help="N=5,15, lora/hydralora/mtlora, 1 seed (< 5 min).")
     return p
 
@@ -114,18 +180,118 @@ def resolve(ns: argparse.Namespace) -> argparse.Namespace:
     bad = [m for m in ns.methods if m not in METHODS]
     if bad or not ns.methods:
         raise SystemExit(f"--methods {bad or ns.methods}: choose from {', '.join(METHODS)}")
-    if not ns.ns or min(ns.ns) < 1 or max(ns.ns) > len(TASKS):
-        raise SystemExit(f"--ns must be in 1..{len(TASKS)}")
+    limit = len(TASKS) + (len(niv1_tasks(ns)) if ns.niv1_dir else 0)
+    if not ns.ns or min(ns.ns) < 1 or max(ns.ns) > limit:
+        hint = "" if ns.niv1_dir else " (--niv1_dir adds Natural Instructions tasks beyond the letter suite)"
+        raise SystemExit(f"--ns must be in 1..{limit}{hint}")
     if not ns.seeds:
         raise SystemExit("--seeds: need at least one seed")
     if ns.min_steps < 1 or ns.max_steps < ns.min_steps or ns.steps_per_task < 1:
         raise SystemExit("need 1 <= --min_steps <= --max_steps and --steps_per_task >= 1")
-    ns.cache_dir = Path(ns.cache_dir) if ns.cache_dir else Path(ns.out).resolve().parent / "cache"
+    if ns.total_steps is None:
+        ns.total_steps = QUICK_FIXED_TOTAL_STEPS if q else FIXED_TOTAL_STEPS
+    if ns.total_steps < 1:
+        raise SystemExit("--total_steps must be >= 1")
+    if ns.first_tasks < 1:
+        raise SystemExit("--first_tasks must be >= 1")
+    if ns.niv1_input_words < 1:
+        raise SystemExit("--niv1_input_words must be >= 1")
+    ns.out = Path(ns.out) if ns.out else default_out(ns.budget, q)
+    ns.cache_dir = Path(ns.cache_dir) if ns.cache_dir else ns.out.resolve().parent / "cache"
     return ns
 
 
+def niv1_tasks(ns: argparse.Namespace) -> list[str]:
+    """The Natural Instructions tasks usable as tasks 37, 38, ... (enough short-answer examples), in order."""
+    from mtlora.data.manytask import suite_from_niv1
+    from mtlora.errors import MtLoraError
+
+    folder = Path(ns.niv1_dir)
+    if not folder.is_dir():
+        raise SystemExit(f"--niv1_dir {folder}: not a directory")
+    try:
+        suite = suite_from_niv1(
+            folder, 10**6, 1, ns.test_per_task, ns.data_seed, max_output_words=NIV1_MAX_OUTPUT_WORDS
+        )
+    except MtLoraError as exc:
+        raise SystemExit(f"--niv1_dir {folder}: {exc}") from None
+    return suite.task_names
+
+
+def build_scaling_suite(n: int, ns: argparse.Namespace) -> Any:
+    """The first ``n`` tasks: letter tasks, then (beyond the 36 of them) Natural Instructions tasks.
+
+    Both generators are prefix-stable (the first k tasks' examples do not depend on n), so the tasks of a
+    smaller N are exactly the first tasks of a larger one.
+    """
+    import random
+
+    from mtlora.data.manytask import TASKS, Suite, build_suite, suite_from_niv1
+
+    letters = build_suite(min(n, len(TASKS)), ns.train_per_task, ns.test_per_task, ns.data_seed)
+    if n <= len(TASKS):
+        return letters
+    extra = compact_niv1(
+        suite_from_niv1(
+            ns.niv1_dir,
+            n - len(TASKS),
+            ns.train_per_task,
+            ns.test_per_task,
+            ns.data_seed,
+            max_output_words=NIV1_MAX_OUTPUT_WORDS,
+        ),
+        ns.niv1_input_words,
+    )
+    train = letters.train + extra.train
+    random.Random(f"scaling-{ns.data_seed}-{n}").shuffle(train)
+    return Suite(
+        tasks=letters.tasks + extra.tasks,
+        train=train,
+        test=letters.test + extra.test,
+        name="manytask+niv1",
+        meta={"letters": letters.meta, "niv1": extra.meta},
+    )
+
+
+def compact_niv1(suite: Any, input_words: int) -> Any:
+    """Short prompts for the tiny base: the task's name (``subtask004_mctaco_answer_generation_event_duration``
+    -> ``mctaco answer generation event duration``) as the instruction and the last ``input_words`` words of
+    the input (the question usually comes last).
+
+    Why: the full Natural Instructions prompts (definition, examples, passage) take 300-1700 tokens of the
+    512-piece vocabulary, more than the tiny base's 512 positions, and would make every step 10-40x more
+    expensive. Cut this way the tasks still load the shared adapter with different inputs and answer
+    formats, which is what the first tasks' accuracy as N grows measures; their own accuracy on a
+    260K-parameter base means little beyond majority labels (yes/no, a letter).
+    """
+    import dataclasses
+
+    from mtlora.data.records import Record
+
+    def short(name: str) -> str:
+        parts = name.split("_")
+        return " ".join(parts[1:] if parts[0].startswith("subtask") else parts)
+
+    def cut(r: Any) -> Record:
+        words = str(r["input"]).split()
+        return Record(
+            instruction=short(str(r["task_type"])),
+            input=" ".join(words[-input_words:]),
+            output=str(r["output"]),
+            task_type=str(r["task_type"]),
+        )
+
+    tasks = [dataclasses.replace(t, instruction=short(t.name)) for t in suite.tasks]
+    meta = dict(suite.meta, prompt="task name + last words of the input", input_words=input_words)
+    return dataclasses.replace(
+        suite, tasks=tasks, train=[cut(r) for r in suite.train], test=[cut(r) for r in suite.test], meta=meta
+    )
+
+
 def steps_for(n: int, ns: argparse.Namespace) -> int:
-    """Equal budget of every method at N tasks: proportional to N, clamped."""
+    """Equal budget of every method at N tasks: ``--total_steps`` (fixed), else proportional to N, clamped."""
+    if ns.budget == "fixed":
+        return ns.total_steps
     return max(ns.min_steps, min(ns.max_steps, ns.steps_per_task * n))
 
 
@@ -135,11 +301,13 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[dict[str, Any]], ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Per method and N: mean ± std over seeds of the average over all N tasks, and of the average over the
-    tasks of the smallest N only (``common_*``: the same tasks at every N, so task difficulty cancels)."""
+    """Per method and N: mean ± std over seeds of the average over all N tasks, of the average over the
+    tasks of the smallest N only (``common_*``: the same tasks at every N, so task difficulty cancels), and
+    of each of the first ``--first_tasks`` tasks on its own (``first_tasks``)."""
     from mtlora.data.manytask import task_names
 
     common = task_names()[: min(ns.ns)]
+    first = task_names()[: min(ns.first_tasks, min(ns.ns))]
     summary: dict[str, dict[str, Any]] = {}
     for method in ns.methods:
         summary[method] = {}
@@ -149,9 +317,13 @@ def summarize(runs: list[dict[str, Any]], ns: argparse.Namespace) -> dict[str, d
             common_accs = [statistics.fmean(r["per_task"][t] for t in common) for r in rows]
             m, s = mean_std(accs)
             cm, cs = mean_std(common_accs)
+            first_tasks = {}
+            for t in first:
+                tm, ts = mean_std([r["per_task"][t] for r in rows])
+                first_tasks[t] = {"mean": tm, "std": ts, "per_seed": [r["per_task"][t] for r in rows]}
             summary[method][str(n)] = {
                 "mean": m, "std": s, "per_seed": accs, "common_mean": cm, "common_std": cs,
-                "common_per_seed": common_accs, "steps": steps_for(n, ns),
+                "common_per_seed": common_accs, "first_tasks": first_tasks, "steps": steps_for(n, ns),
             }  # fmt: skip
     return summary
 
@@ -177,9 +349,50 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.suptitle(f"scaling: {cfg['model']}, {len(cfg['seeds'])} seed(s), {budget_text(cfg)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def budget_text(cfg: dict[str, Any]) -> str:
+    """The protocol in words, for titles and the printed summary."""
+    if cfg.get("budget") == "fixed":
+        return f"fixed budget: {cfg['total_steps']} steps at every N"
+    return f"steps=clamp({cfg['steps_per_task']}·N, {cfg['min_steps']}, {cfg['max_steps']})"
+
+
+def plot_first_tasks(results: dict[str, Any], path: Path) -> None:
+    """One panel per method: the accuracy of each of the first tasks vs N (mean ± std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = results["config"]
+    methods = list(results["summary"])
+    cols = min(3, len(methods))
+    rows_ = (len(methods) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.6 * rows_), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax, method in zip(flat, methods):
+        rows = results["summary"][method]
+        ns_ = sorted(int(n) for n in rows)
+        for task in rows[str(ns_[0])]["first_tasks"]:
+            means = [100 * rows[str(n)]["first_tasks"][task]["mean"] for n in ns_]
+            stds = [100 * rows[str(n)]["first_tasks"][task]["std"] for n in ns_]
+            ax.errorbar(ns_, means, yerr=stds, marker="o", ms=3, capsize=2, label=task)
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("number of tasks N")
+        ax.set_ylabel("exact match (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    for ax in flat[len(methods) :]:
+        ax.set_axis_off()
+    flat[0].legend(fontsize=7)
     fig.suptitle(
-        f"scaling: {cfg['model']}, {len(cfg['seeds'])} seed(s), steps=clamp({cfg['steps_per_task']}·N, "
-        f"{cfg['min_steps']}, {cfg['max_steps']})",
+        f"per-task accuracy of the first tasks as N grows: {cfg['model']}, {len(cfg['seeds'])} seed(s), "
+        f"{budget_text(cfg)}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -190,8 +403,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def run(ns: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from mtlora import demo as _demo
-    from mtlora.data.manytask import build_suite, macro_average, score
+    from mtlora.data.manytask import macro_average, score
     from mtlora.demo import BUNDLED_MODEL, _answer_budget, evaluate_model, pretrain_base, train_method
     from mtlora.hub import load_tokenizer
 
@@ -200,16 +412,21 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     machine = _common.machine_info("cpu")
     cache_dir: Path = ns.cache_dir
-    work = cache_dir / "work"
+    # one work folder per output file, so that two protocols can run side by side on one cache
+    work = cache_dir / ("work" if ns.out.stem == "scaling" else f"work-{ns.out.stem}")
     common = dict(
         model_name_or_path=BUNDLED_MODEL, device="cpu", train_per_task=ns.train_per_task,
         test_per_task=ns.test_per_task, batch_size=ns.batch_size, learning_rate=ns.learning_rate,
-        lora_rank=ns.lora_rank, eval_batch_size=ns.eval_batch_size, epochs=None, train_args="",
+        lora_rank=ns.lora_rank, eval_batch_size=ns.eval_batch_size, epochs=None, train_args="--disable_tqdm True",
     )  # fmt: skip
+    journal = cache_dir / f"{ns.out.stem}.runs.jsonl"
+    done = load_journal(journal) if ns.resume else {}
+    if not ns.resume:
+        journal.unlink(missing_ok=True)
 
     # The base is pre-trained once: the test inputs depend only on (data_seed, test_per_task), so every N
     # excludes the same inputs and shares one cached base.
-    largest = build_suite(max(ns.ns), ns.train_per_task, ns.test_per_task, ns.data_seed)
+    largest = build_scaling_suite(max(ns.ns), ns)
     pre_ns = argparse.Namespace(
         **{**common, "batch_size": 16}, seed=ns.data_seed, pretrain_steps=ns.pretrain_steps
     )
@@ -222,27 +439,33 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
 
     runs: list[dict[str, Any]] = []
     total = len(ns.ns) * len(ns.methods) * len(ns.seeds)
+    suites: dict[int, tuple[Path, Path, list[Any], int]] = {}
     for n in ns.ns:
-        suite = build_suite(n, ns.train_per_task, ns.test_per_task, ns.data_seed)
+        suite = build_scaling_suite(n, ns)
         out = work / f"n{n}"
-        data_dir = suite.write(out / "data")
-        test = suite.test_records()
-        budget = _answer_budget(suite.train, tokenizer)
-        steps = steps_for(n, ns)
-        for seed in ns.seeds:
+        suites[n] = (
+            out,
+            suite.write(out / "data"),
+            suite.test_records(),
+            _answer_budget(suite.train, tokenizer),
+        )
+    # Seed-major order: each seed completes a whole curve over N before the next one starts, so an
+    # interrupted invocation (see --resume) already holds complete curves.
+    for seed in ns.seeds:
+        for n in ns.ns:
+            out, data_dir, test, budget = suites[n]
+            steps = steps_for(n, ns)
             for method in ns.methods:
+                key = run_key(ns, n, method, seed)
+                if key in done:
+                    runs.append(done[key])
+                    print(
+                        f"[{len(runs)}/{total}] N={n} {method} seed={seed}: reused from {journal}", flush=True
+                    )
+                    continue
                 t0 = time.time()
                 run_ns = argparse.Namespace(**common, seed=seed, max_steps=steps)
-                flags_backup = None
-                # train_method looks the flags up in demo.METHOD_FLAGS; add the ablation rows for this call.
-                if method not in _demo.METHOD_FLAGS:
-                    flags_backup = method
-                    _demo.METHOD_FLAGS[method] = METHODS[method]
-                try:
-                    manifest = train_method(method, base_path, data_dir, out, run_ns)
-                finally:
-                    if flags_backup is not None:
-                        _demo.METHOD_FLAGS.pop(flags_backup, None)
+                manifest = train_method(method, base_path, data_dir, out, run_ns, flags=METHODS[method])
                 answers, eval_s = evaluate_model(
                     base_path,
                     Path(manifest["adapter_dir"]),
@@ -254,6 +477,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 per_task = score(answers, test)
                 row = {
                     "tasks": n,
+                    "budget": ns.budget,
                     "method": method,
                     "seed": seed,
                     "steps": steps,
@@ -266,6 +490,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                     "wall_seconds": round(time.time() - t0, 2),
                 }
                 runs.append(row)
+                append_journal(journal, key, row)
                 print(
                     f"[{len(runs)}/{total}] N={n} {method} seed={seed} steps={steps}: "
                     f"acc={100 * row['accuracy']:.1f}% "
@@ -289,6 +514,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             "method_flags": {m: METHODS[m] for m in ns.methods},
             "seeds": ns.seeds,
             "data_seed": ns.data_seed,
+            "budget": ns.budget,
+            "total_steps": ns.total_steps if ns.budget == "fixed" else None,
             "steps_per_task": ns.steps_per_task,
             "min_steps": ns.min_steps,
             "max_steps": ns.max_steps,
@@ -299,6 +526,11 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             "train_per_task": ns.train_per_task,
             "test_per_task": ns.test_per_task,
             "num_threads": ns.num_threads,
+            "niv1_dir": ns.niv1_dir,
+            "niv1_max_output_words": NIV1_MAX_OUTPUT_WORDS if ns.niv1_dir else None,
+            "niv1_input_words": ns.niv1_input_words if ns.niv1_dir else None,
+            "tasks": [t.name for t in largest.tasks],
+            "first_tasks": ns.first_tasks,
             "quick": ns.quick,
         },
         "base_pretraining": {k: v for k, v in pretrain_info.items() if k != "tasks"},
@@ -308,9 +540,53 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     }
     out_json = _common.write_json(ns.out, results)
     plot(results, out_json.with_suffix(".png"))
+    plot_first_tasks(results, first_tasks_png(out_json))
     if not ns.keep_runs:
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def run_key(ns: argparse.Namespace, n: int, method: str, seed: int) -> str:
+    """Everything that determines one run's result (for ``--resume``): a finished run is reused only when
+    its data, base, budget and flags are exactly those of this invocation."""
+    import hashlib
+    import json
+
+    from mtlora.data.manytask import TASKS
+
+    fields = {
+        "n": n, "method": method, "flags": METHODS[method], "seed": seed, "steps": steps_for(n, ns),
+        "data_seed": ns.data_seed, "train_per_task": ns.train_per_task, "test_per_task": ns.test_per_task,
+        "batch_size": ns.batch_size, "learning_rate": ns.learning_rate, "lora_rank": ns.lora_rank,
+        "pretrain_steps": ns.pretrain_steps,
+    }  # fmt: skip
+    if n > len(TASKS):  # only then do the Natural Instructions tasks take part
+        fields |= {"niv1": str(Path(ns.niv1_dir).resolve()), "niv1_input_words": ns.niv1_input_words}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_journal(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished runs by key; a torn last line (the process was killed while writing) is ignored."""
+    import json
+
+    done: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[entry["key"]] = entry["row"]
+    return done
+
+
+def append_journal(path: Path, key: str, row: dict[str, Any]) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"key": key, "row": row}) + "\n")
 
 
 def report(results: dict[str, Any]) -> list[str]:
@@ -320,6 +596,24 @@ def report(results: dict[str, Any]) -> list[str]:
         f"method={m} tasks={n} acc={100 * rows[n]['mean']:.1f}±{100 * rows[n]['std']:.1f}"
         for m, rows in results["summary"].items()
     ]
+
+
+def first_tasks_png(out_json: Path) -> Path:
+    return out_json.with_name(out_json.stem + "_first_tasks.png")
+
+
+def first_tasks_table(results: dict[str, Any]) -> str:
+    """Markdown table (method, N) x first task of ``mean ± std`` (%): do the first tasks survive added ones?"""
+    ns_ = [str(n) for n in results["config"]["ns"]]
+    methods = list(results["summary"])
+    tasks = list(results["summary"][methods[0]][ns_[0]]["first_tasks"])
+    lines = ["| method | N | " + " | ".join(tasks) + " |", "|---|---:|" + "---:|" * len(tasks)]
+    for m in methods:
+        for n in ns_:
+            cells = results["summary"][m][n]["first_tasks"]
+            vals = [f"{100 * cells[t]['mean']:.1f} ± {100 * cells[t]['std']:.1f}" for t in tasks]
+            lines.append(f"| {m} | {n} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
 
 
 def table(results: dict[str, Any], prefix: str = "") -> str:
@@ -341,7 +635,12 @@ def main(argv: list[str] | None = None) -> int:
         results = run(ns)
     print("\naverage exact match (%) over all N tasks\n" + table(results))
     print(f"\nexact match (%) over the first {min(ns.ns)} tasks only\n" + table(results, "common_"))
-    print(f"\ntotal {results['total_seconds']:.0f} s; wrote {ns.out} and {Path(ns.out).with_suffix('.png')}")
+    print("\nper-task exact match (%) of the first tasks\n" + first_tasks_table(results))
+    print(f"\nprotocol: {budget_text(results['config'])}")
+    print(
+        f"total {results['total_seconds']:.0f} s; wrote {ns.out}, {ns.out.with_suffix('.png')} and "
+        f"{first_tasks_png(ns.out)}"
+    )
     print("\n".join(report(results)), flush=True)
     return 0
 

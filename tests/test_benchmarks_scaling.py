@@ -73,3 +73,79 @@ def test_scaling_runs_the_baselines(tmp_path, capsys) -> None:
     data = json.loads(out.read_text())
     assert {r["method"] for r in data["runs"]} == {"lorahub", "mmoelora"}
     assert all(r["trainable_params"] > 0 for r in data["runs"])
+
+
+def test_fixed_budget_and_output_names() -> None:
+    fixed = scaling.resolve(scaling.build_parser().parse_args(["--budget", "fixed", "--total_steps", "50"]))
+    assert [scaling.steps_for(n, fixed) for n in (1, 5, 36)] == [50, 50, 50]
+    assert fixed.out.name == "scaling_fixed.json"
+    assert scaling.resolve(
+        scaling.build_parser().parse_args(["--budget", "fixed", "--quick"])
+    ).total_steps == (scaling.QUICK_FIXED_TOTAL_STEPS)
+    assert scaling.resolve(scaling.build_parser().parse_args([])).out.name == "scaling.json"
+    assert scaling.resolve(scaling.build_parser().parse_args(["--quick"])).out.name == "scaling_quick.json"
+    with pytest.raises(SystemExit):  # beyond the letter suite without Natural Instructions tasks
+        scaling.resolve(scaling.build_parser().parse_args(["--ns", "40"]))
+    with pytest.raises(SystemExit):
+        scaling.resolve(scaling.build_parser().parse_args(["--budget", "fixed", "--total_steps", "0"]))
+
+
+def test_suite_beyond_36_appends_short_natural_instructions_tasks(shared_dir) -> None:
+    niv1 = str(shared_dir / "data" / "natural_instructions_v1")
+    ns = scaling.resolve(
+        scaling.build_parser().parse_args(["--ns", "5,38,39", "--niv1_dir", niv1, "--train_per_task", "10"])
+    )
+    s38, s39 = scaling.build_scaling_suite(38, ns), scaling.build_scaling_suite(39, ns)
+    names = s39.task_names
+    assert names[:36] == list(scaling_tasks()) and len(names) == 39 and s38.task_names == names[:38]
+    # prefix-stable: the first tasks' examples do not depend on N
+    for task in names[:38]:
+        a = sorted(json.dumps(dict(r), sort_keys=True) for r in s38.train if r["task_type"] == task)
+        b = sorted(json.dumps(dict(r), sort_keys=True) for r in s39.train if r["task_type"] == task)
+        assert a == b and a
+    for r in s39.train + s39.test:
+        if r["task_type"] in names[36:]:
+            assert len(r["input"].split()) <= scaling.NIV1_INPUT_WORDS and len(r["output"].split()) <= 3
+            assert not r["instruction"].startswith("subtask") and len(r["instruction"]) < 80
+    with pytest.raises(SystemExit):
+        scaling.resolve(scaling.build_parser().parse_args(["--ns", "1000", "--niv1_dir", niv1]))
+
+
+def scaling_tasks() -> list[str]:
+    from mtlora.data.manytask import task_names
+
+    return task_names()
+
+
+def test_scaling_fixed_budget_tiny(tmp_path, capsys) -> None:
+    out = tmp_path / "fixed.json"
+    argv = ["--budget", "fixed", "--total_steps", "6", "--ns", "2,3", "--methods", "lora,hydralora", "--seeds",
+            "0", "--train_per_task", "8", "--test_per_task", "2", "--pretrain_steps", "4", "--first_tasks", "5",
+            "--cache_dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    # an interrupted earlier invocation finished one run: --resume reuses it instead of training again
+    ns = scaling.resolve(scaling.build_parser().parse_args(argv))
+    fake = {"tasks": 2, "budget": "fixed", "method": "lora", "seed": 0, "steps": 6, "accuracy": 0.125,
+            "per_task": {t: 0.125 for t in scaling_tasks()[:2]}, "train_loss": 1.0, "trainable_params": 1,
+            "train_seconds": 0.0, "eval_seconds": 0.0, "wall_seconds": 0.0}  # fmt: skip
+    journal = tmp_path / "cache" / "fixed.runs.jsonl"
+    scaling.append_journal(journal, "not-this-config", dict(fake, accuracy=0.5))
+    scaling.append_journal(journal, scaling.run_key(ns, 2, "lora", 0), fake)
+    journal.write_text(journal.read_text() + '{"key": "torn')  # a write cut short by a kill
+    assert scaling.main([*argv, "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "N=2 lora seed=0: reused from" in text
+    assert len(scaling.load_journal(journal)) == 4  # kept (cache): a later --resume with more seeds reuses it
+    lines = text.strip().splitlines()
+    for line, method in zip(lines[-2:], ("lora", "hydralora")):
+        assert re.fullmatch(rf"method={method} tasks=3 acc=[0-9.]+±[0-9.]+", line), line
+    assert "fixed budget: 6 steps at every N" in text
+    data = json.loads(out.read_text())
+    assert data["config"]["budget"] == "fixed" and data["config"]["steps"] == {"2": 6, "3": 6}
+    assert all(r["steps"] == 6 and r["budget"] == "fixed" for r in data["runs"])
+    assert data["runs"][0] == fake and all(r["trainable_params"] > 1 for r in data["runs"][1:])
+    for rows in data["summary"].values():
+        # the first tasks are those of the smallest N (2 here), each with its own accuracy per N
+        assert list(rows["2"]["first_tasks"]) == list(rows["3"]["first_tasks"]) == scaling_tasks()[:2]
+        for cell in rows["3"]["first_tasks"].values():
+            assert 0 <= cell["mean"] <= 1 and len(cell["per_seed"]) == 1
+    assert out.with_suffix(".png").is_file() and (tmp_path / "fixed_first_tasks.png").is_file()

@@ -450,12 +450,22 @@ def evaluate_model(
 
 # ----------------------------------------------------------------------------------------------- training
 def train_method(
-    method: str, base_path: str, data_dir: Path, out: Path, ns: argparse.Namespace
+    method: str,
+    base_path: str,
+    data_dir: Path,
+    out: Path,
+    ns: argparse.Namespace,
+    flags: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Train one method through ``mtlora train``'s own code path; returns its run manifest plus the folder."""
+    """Train one method through ``mtlora train``'s own code path; returns its run manifest plus the folder.
+
+    ``flags`` replaces ``METHOD_FLAGS[method]`` (then ``method`` only names the run folder): the benchmarks
+    train ablation rows and regularizer sweeps through this same path without editing the demo's table.
+    """
     from mtlora.training.arguments import parse_train_args
     from mtlora.training.run import train
 
+    method_flags = list(METHOD_FLAGS[method] if flags is None else flags)
     run_dir = out / "runs" / method
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a stale train_log.jsonl would be appended to
@@ -468,10 +478,10 @@ def train_method(
         "--lora_rank", str(ns.lora_rank), "--lr_scheduler_type", "cosine", "--warmup_steps", str(max(1, round(0.03 * total)) if total else 30),
         "--logging_steps", str(max(total // 5, 1) if total else 50), "--save_strategy", "no",
         "--seed", str(ns.seed), "--data_seed", str(ns.seed), "--disable_tqdm", "False",
-        "--report_to", "none", *budget, *_device_flags(ns.device), *METHOD_FLAGS[method],
+        "--report_to", "none", *budget, *_device_flags(ns.device), *method_flags,
         *shlex.split(ns.train_args), *(["--trust_remote_code", "True"] if _trust(ns) else []),
     ]  # fmt: skip
-    if METHOD_FLAGS[method][:2] == ["--method", "lorahub"]:
+    if method_flags[:2] == ["--method", "lorahub"]:
         return _train_lorahub(argv, run_dir, data_dir)
     adapter_dir = train(*parse_train_args(argv, prog="mtlora demo"))
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
