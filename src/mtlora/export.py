@@ -426,10 +426,9 @@ def read_peft_lora(path: str | Path) -> PeftLora:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object")
     if str(cfg.get("peft_type", "")).upper() != "LORA":
-        raise CheckpointError(
-            f"{cfg_path}: peft_type={cfg.get('peft_type')!r}, expected 'LORA'"
-            + (" (an mtlora adapter: run `mtlora export` first)" if "method" in cfg else "")
-        )
+        if "method" in cfg:
+            raise CheckpointError(f"{cfg_path}: an mtlora adapter, not a peft LoRA (run `mtlora export` first)")
+        raise CheckpointError(f"{cfg_path}: peft_type={cfg.get('peft_type')!r}, expected 'LORA'")
     for key in ("use_dora", "lora_bias"):
         if cfg.get(key):
             raise CheckpointError(f"{cfg_path}: {key}=true LoRAs are not supported")
