@@ -863,6 +863,7 @@ def export_adapter(
     from mtlora.config import CONFIG_NAME, MtLoraConfig
     from mtlora.data import build_task_map, load_records, load_task_map, save_task_map
     from mtlora.data.records import write_json_atomic
+    from mtlora.data.tokenize import records_fingerprint
 
     if not (isinstance(eval_fraction, (int, float)) and 0.0 < eval_fraction < 1.0):
         raise MtLoraError(f"--eval_fraction {eval_fraction}: must be in (0, 1), the held-out share per task")
@@ -1026,6 +1027,9 @@ def export_adapter(
             "calibration_examples": routing.examples,
             "calibration_tokens": routing.tokens,
             "eval_examples": len(ev),
+            # content hashes of the records this task's export was calibrated and scored on (model cards)
+            "calibration_sha256": records_fingerprint(cal) if cal else None,
+            "eval_sha256": records_fingerprint(ev) if ev else None,
         }
         if evaluate and ev:
             fkw = {"task_ids": task_map[t]} if "task" in kinds else {}
@@ -1066,8 +1070,24 @@ def export_adapter(
         }
     if task_map:  # written with the report, so a failed export leaves no stray task map
         save_task_map(task_map, out / "task_map.json")
+    _write_cards(report, adapter_dir, out)
     write_json_atomic(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _write_cards(report: dict[str, Any], adapter_dir: Path, out: Path) -> None:
+    """README.md model card in every artefact folder (one per folder) and an index card in ``out``."""
+    from mtlora.model_card import export_card, export_index_card, gather, write_card
+
+    facts = gather(adapter_dir)
+    done: set[str] = set()
+    for task, entry in report["tasks"].items():
+        for art in entry.get("artifacts", []):
+            if art["path"] in done:  # the single export of an unrouted adapter serves every task
+                continue
+            done.add(art["path"])
+            write_card(out / art["path"], export_card(report, task, facts, art["form"], art["path"], out))
+    write_card(out, export_index_card(report, facts))
 
 
 def _write_export(
@@ -1135,6 +1155,14 @@ def build_parser(prog: str = "mtlora export") -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--push_to_hub",
+        default=None,
+        metavar="REPO",
+        help="after a complete export, upload the output folder (every task, report, model cards) to this Hub "
+        "model repo (owner/name) with huggingface_hub",
+    )
+    p.add_argument("--hub_private", action="store_true", help="with --push_to_hub: create the repo private")
     add_quantization_arguments(p)
     add_safety_flags(p)
     return p
@@ -1151,6 +1179,10 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if getattr(args, name) < 1:
             raise MtLoraError(f"--{name} must be >= 1")
+    if args.push_to_hub:  # an impossible push (offline, bad repo id) fails before any work
+        from mtlora.publish import check_push_target
+
+        check_push_target(args.push_to_hub)
     device = args.device or default_device()
     report = export_adapter(
         args.adapter_dir,
@@ -1189,6 +1221,11 @@ def main(argv: list[str] | None = None) -> int:
         for a in e.get("artifacts", []):
             print(f"  {task} -> {FORM_TITLES[a['form']]} in {a['path']}/\n      load: {a['load_command']}")
     print(f"report: {Path(args.output_dir) / REPORT_NAME}")
+    if args.push_to_hub:
+        from mtlora.publish import push_folder
+
+        url = push_folder(args.output_dir, args.push_to_hub, private=args.hub_private or None)
+        print(f"pushed {args.output_dir} to {url}")
     return 0
 
 
