@@ -25,8 +25,9 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def _offline() -> bool:
-    """huggingface_hub reads HF_HUB_OFFLINE at import time; read the environment too (set later, or in tests)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
+    """huggingface_hub reads HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) at import time; read the environment too
+    (it may be set after the import)."""
+    if any(os.environ.get(v, "").upper() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return True
     try:
         from huggingface_hub import constants
@@ -49,7 +50,7 @@ def check_push_target(repo: str, flag: str = "--push_to_hub") -> str:
         raise ConfigError(f"{flag}: huggingface_hub is not installed (pip install huggingface_hub)") from None
     if _offline():
         raise ConfigError(
-            f"{flag} {repo}: the Hugging Face Hub is switched off here (HF_HUB_OFFLINE=1); unset it to push, or "
+            f"{flag} {repo}: the Hugging Face Hub is switched off here (offline mode: HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1); unset it to push, or "
             "drop the flag and upload the folder later with `hf upload REPO FOLDER`"
         )
     return repo
