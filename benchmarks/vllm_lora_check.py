@@ -48,7 +48,8 @@ def prepare(work: Path, device: str = "cpu") -> tuple[Path, Path]:
     tok.save_pretrained(base_dir)
     base = LlamaForCausalLM.from_pretrained(base_dir)
     model = get_mtlora_model(
-        base, MtLoraConfig(method="hydralora", lora_rank=8, lora_nums=2, base_model_name_or_path=str(base_dir))
+        base,
+        MtLoraConfig(method="hydralora", lora_rank=8, lora_nums=2, base_model_name_or_path=str(base_dir)),
     )
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -57,10 +58,16 @@ def prepare(work: Path, device: str = "cpu") -> tuple[Path, Path]:
     adapter = work / "adapter"
     model.save_pretrained(adapter)
     save_task_map({t: i for i, t in enumerate(TASKS)}, adapter / "task_map.json")
-    recs = [{"instruction": "Say it.", "input": w, "output": w, "task_type": t} for t in TASKS for w in ("x", "yy")]
+    recs = [
+        {"instruction": "Say it.", "input": w, "output": w, "task_type": t}
+        for t in TASKS
+        for w in ("x", "yy")
+    ]
     save_records(recs, work / "recs.json")
     out = work / "exported"
-    export_adapter(adapter, out, calibration_data=work / "recs.json", evaluate=False, device=device, overwrite=True)
+    export_adapter(
+        adapter, out, calibration_data=work / "recs.json", evaluate=False, device=device, overwrite=True
+    )
     return base_dir, out
 
 
@@ -99,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work or tmp)
         base_dir, exported = prepare(work)
         report = json.loads((exported / "report.json").read_text())
-        result: dict[str, Any] = {"base": str(base_dir), "exports": {t: report["tasks"][t]["dir"] for t in TASKS}}
+        result: dict[str, Any] = {
+            "base": str(base_dir),
+            "exports": {t: report["tasks"][t]["dir"] for t in TASKS},
+        }
         if args.prepare_only:
             result["vllm"] = "not run (--prepare_only)"
         else:
@@ -119,10 +129,16 @@ def main(argv: list[str] | None = None) -> int:
             outs = llm.generate(prompts, params, lora_request=requests)
             for i, t in enumerate(TASKS):
                 got = [list(o.outputs[0].token_ids) for o in outs[i * len(PROMPTS) : (i + 1) * len(PROMPTS)]]
-                want = peft_generate(base_dir, exported / report["tasks"][t]["dir"], args.new_tokens, args.dtype)
+                want = peft_generate(
+                    base_dir, exported / report["tasks"][t]["dir"], args.new_tokens, args.dtype
+                )
                 same = sum(int(a == b) for g, w in zip(got, want) for a, b in zip(g, w))
                 total = sum(len(w) for w in want)
-                result.setdefault("tasks", {})[t] = {"vllm": got, "peft": want, "token_agreement": same / total}
+                result.setdefault("tasks", {})[t] = {
+                    "vllm": got,
+                    "peft": want,
+                    "token_agreement": same / total,
+                }
             result["vllm"] = "ran"
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

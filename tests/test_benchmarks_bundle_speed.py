@@ -19,7 +19,9 @@ def test_bundle_speed_tiny(tmp_path, capsys) -> None:
             "--out", str(out)]  # fmt: skip
     assert bundle_speed.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"base_tok_s=[0-9.]+ bundle_tok_s=[0-9.]+ bundle_vs_base=[0-9.]+ routed_vs_base=[0-9.]+", last)
+    assert re.fullmatch(
+        r"base_tok_s=[0-9.]+ bundle_tok_s=[0-9.]+ bundle_vs_base=[0-9.]+ routed_vs_base=[0-9.]+", last
+    )
     data = json.loads(out.read_text())
     assert set(data["results"]) == {"base", "bundle", "routed"} and data["hooks"] == 2  # one per FFN block
     assert all(r["tokens_per_s"] > 0 for r in data["results"].values())

@@ -49,5 +49,5 @@ def test_gpu_check_step_limits_fit_one_device_command() -> None:
     limits = [int(x) for x in re.findall(r"(?m)^\s*timeout (\d+) ", text)]
     assert len(limits) == 4 and sum(limits) <= 560, limits
     # the optional vLLM step gets only what the fixed steps left of the same 560 s budget
-    assert 'left=$((560 - SECONDS))' in text and 'timeout "$left" $PY benchmarks/vllm_lora_check.py' in text
+    assert "left=$((560 - SECONDS))" in text and 'timeout "$left" $PY benchmarks/vllm_lora_check.py' in text
     assert len(re.findall(r"(?m)^\s*timeout ", text)) == 5

@@ -25,7 +25,9 @@ def test_prepare_only_writes_rank8_peft_exports(tmp_path, capsys) -> None:
         assert cfg["base_model_name_or_path"] == result["base"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm installed: the real check applies")
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is not None, reason="vllm installed: the real check applies"
+)
 def test_without_vllm_the_check_is_skipped_loudly(tmp_path, capsys) -> None:
     assert vllm_lora_check.main(["--out", str(tmp_path / "r.json")]) == 0
     assert "vllm is not installed: vLLM multi-LoRA check skipped" in capsys.readouterr().out

@@ -52,7 +52,9 @@ def data_file(tmp_path_factory) -> Path:
     recs = []
     for w in ["cat", "dog", "sun", "tree", "fish", "bird"]:
         recs.append({"instruction": "Repeat the word.", "input": w, "output": w, "task_type": "repeat"})
-        recs.append({"instruction": "Opposite of big?", "input": w, "output": f"small {w}", "task_type": "opposite"})
+        recs.append(
+            {"instruction": "Opposite of big?", "input": w, "output": f"small {w}", "task_type": "opposite"}
+        )
     path = tmp_path_factory.mktemp("data") / "records.json"
     save_records(recs, path)
     return path
@@ -60,7 +62,9 @@ def data_file(tmp_path_factory) -> Path:
 
 def _adapter(root: Path, name: str, seed: int) -> Path:
     torch.manual_seed(seed)
-    model = get_mtlora_model(_base(), MtLoraConfig(lora_dropout=0.0, base_model_name_or_path=TINY, **CASES[name]))
+    model = get_mtlora_model(
+        _base(), MtLoraConfig(lora_dropout=0.0, base_model_name_or_path=TINY, **CASES[name])
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # B = 0 at init would make every bundle the base model
         for a in model.adapters():
@@ -165,7 +169,12 @@ def test_bundles_reproduce_static_routing_without_mtlora(data_file: Path, tmp_pa
     spec.write_text(json.dumps({"cases": cases, "prompts": PROMPTS, "new_tokens": NEW_TOKENS}))
     env = _no_mtlora_env(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-c", _CHECK, str(spec)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+        [sys.executable, "-c", _CHECK, str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -178,7 +187,12 @@ def test_bundles_reproduce_static_routing_without_mtlora(data_file: Path, tmp_pa
     cmd = commands[0]
     assert cmd.startswith("python ")
     proc = subprocess.run(
-        sys.executable + cmd[len("python") :], shell=True, capture_output=True, text=True, timeout=120, env=env
+        sys.executable + cmd[len("python") :],
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip(), "the load command printed no generation"
@@ -194,6 +208,8 @@ def test_loader_imports_no_mtlora_and_rejects_foreign_folders(tmp_path: Path) ->
                         "transformers"}, imported  # fmt: skip
     with pytest.raises(ValueError, match="not an mtlora block-adapter bundle"):
         load_block_export(_base(), tmp_path)
-    (tmp_path / "block_adapter_config.json").write_text(json.dumps({"format": "mtlora-block-export", "version": 9}))
+    (tmp_path / "block_adapter_config.json").write_text(
+        json.dumps({"format": "mtlora-block-export", "version": 9})
+    )
     with pytest.raises(ValueError, match="bundle version 9"):
         load_block_export(_base(), tmp_path)

@@ -31,7 +31,9 @@ def exported(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("deploy")
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY))
-    cfg = MtLoraConfig(method="hydralora", lora_rank=4, lora_nums=2, lora_dropout=0.0, base_model_name_or_path=TINY)
+    cfg = MtLoraConfig(
+        method="hydralora", lora_rank=4, lora_nums=2, lora_dropout=0.0, base_model_name_or_path=TINY
+    )
     model = get_mtlora_model(base, cfg)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -39,7 +41,11 @@ def exported(tmp_path_factory) -> Path:
             a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=gen) * 0.5)
     model.save_pretrained(root / "adapter")
     save_task_map({"a": 0, "b": 1}, root / "adapter" / "task_map.json")
-    recs = [{"instruction": "Say it.", "input": w, "output": w, "task_type": t} for t in "ab" for w in ["x", "yy", "zzz"]]
+    recs = [
+        {"instruction": "Say it.", "input": w, "output": w, "task_type": t}
+        for t in "ab"
+        for w in ["x", "yy", "zzz"]
+    ]
     save_records(recs, root / "recs.json")
     out = root / "x"
     argv = ["export", str(root / "adapter"), "--calibration_data", str(root / "recs.json"), "--output_dir", str(out),
@@ -56,7 +62,9 @@ def test_report_names_forms_and_every_printed_command_runs(exported: Path, tmp_p
     entry = report["tasks"]["a"]
     assert [a["form"] for a in entry["artifacts"]] == [FORM_PEFT, FORM_MERGED]
     assert json.loads((exported / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
-    assert (exported / "a" / "tokenizer_config.json").is_file() and (exported / "a/merged/tokenizer_config.json").is_file()
+    assert (exported / "a" / "tokenizer_config.json").is_file() and (
+        exported / "a/merged/tokenizer_config.json"
+    ).is_file()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     outputs = []
     for art in entry["artifacts"]:

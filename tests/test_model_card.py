@@ -50,8 +50,15 @@ def test_training_output_card_states_the_facts(trained: Path) -> None:
         assert f"| {task} | {tid} |" in card
     for path, digest in manifest["data_files"].items():
         assert f"| {path} | {digest} |" in card
-    assert "| learning_rate | 0.001 |" in card and "| lora_rank | 4 |" in card and "| max_seq_length | 64 |" in card
-    assert f"| adapter tensors (elements in adapter_model.safetensors) | {tensor_count(adapter / 'adapter_model.safetensors')} |" in card
+    assert (
+        "| learning_rate | 0.001 |" in card
+        and "| lora_rank | 4 |" in card
+        and "| max_seq_length | 64 |" in card
+    )
+    assert (
+        f"| adapter tensors (elements in adapter_model.safetensors) | {tensor_count(adapter / 'adapter_model.safetensors')} |"
+        in card
+    )
     assert f"{manifest['trainable_params']:,}" in card
     assert "| train_loss |" in card
     assert "load_model(None, 'sft_lora_model')" in card and "mtlora export sft_lora_model" in card
@@ -71,7 +78,10 @@ def test_card_picks_up_evaluations_of_this_adapter(trained: Path) -> None:
     assert card_main([str(adapter)]) == 0
     card = (adapter / "README.md").read_text()
     score = f"{result['overall_accuracy']:.4g}"
-    assert f"| MMLU | {result['protocol']} | {result['num_few_shot']} | overall_accuracy | {score} | eval_mmlu/mmlu_results.json |" in card
+    assert (
+        f"| MMLU | {result['protocol']} | {result['num_few_shot']} | overall_accuracy | {score} | eval_mmlu/mmlu_results.json |"
+        in card
+    )
 
 
 def test_export_cards_in_every_artefact_folder(tmp_path: Path) -> None:
@@ -79,14 +89,20 @@ def test_export_cards_in_every_artefact_folder(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY))
-    model = get_mtlora_model(base, MtLoraConfig(method="hydralora", lora_rank=4, lora_nums=2, base_model_name_or_path=TINY))
+    model = get_mtlora_model(
+        base, MtLoraConfig(method="hydralora", lora_rank=4, lora_nums=2, base_model_name_or_path=TINY)
+    )
     with torch.no_grad():
         for a in model.adapters():
             a.lora_B.normal_(0, 0.3)
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter)
     save_task_map({"a": 0, "b": 1}, adapter / "task_map.json")
-    recs = [{"instruction": "Say it.", "input": w, "output": w, "task_type": t} for t in "ab" for w in ["x", "yy", "zzz"]]
+    recs = [
+        {"instruction": "Say it.", "input": w, "output": w, "task_type": t}
+        for t in "ab"
+        for w in ["x", "yy", "zzz"]
+    ]
     save_records(recs, tmp_path / "recs.json")
     out = tmp_path / "x"
     argv = ["export", str(adapter), "--calibration_data", str(tmp_path / "recs.json"), "--output_dir", str(out),
@@ -98,10 +114,15 @@ def test_export_cards_in_every_artefact_folder(tmp_path: Path) -> None:
     for task, entry in report["tasks"].items():
         peft_card = (out / entry["dir"] / "README.md").read_text()
         merged_card = (out / entry["dir"] / "merged" / "README.md").read_text()
-        assert peft_card.startswith("---\nlibrary_name: peft\n") and merged_card.startswith("---\nlibrary_name: transformers\n")
+        assert peft_card.startswith("---\nlibrary_name: peft\n") and merged_card.startswith(
+            "---\nlibrary_name: transformers\n"
+        )
         assert f"This artefact: `{task}` (task id {entry['task_id']})" in peft_card
         assert entry["calibration_sha256"] in peft_card and entry["eval_sha256"] in peft_card
-        assert f"| this export | {entry['exported']['accuracy']:.4f} | {entry['exported']['nll']:.4f} |" in peft_card
+        assert (
+            f"| this export | {entry['exported']['accuracy']:.4f} | {entry['exported']['nll']:.4f} |"
+            in peft_card
+        )
         n = tensor_count(out / entry["dir"] / "adapter_model.safetensors")
         assert f"| elements in adapter_model.safetensors | {n:,} |" in peft_card
         assert "AutoPeftModelForCausalLM.from_pretrained('.')" in peft_card

@@ -30,7 +30,9 @@ def _one_error_line(capsys) -> str:
 def test_export_push_offline_is_refused_before_any_work(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "x"
-    rc = cli_main(["export", str(tmp_path / "missing_adapter"), "--output_dir", str(out), "--push_to_hub", "me/tiny"])
+    rc = cli_main(
+        ["export", str(tmp_path / "missing_adapter"), "--output_dir", str(out), "--push_to_hub", "me/tiny"]
+    )
     assert rc == 2
     line = _one_error_line(capsys)
     assert "--push_to_hub me/tiny" in line and "HF_HUB_OFFLINE=1" in line and "hf upload" in line
@@ -54,7 +56,11 @@ def test_push_to_hub_spellings(tmp_path: Path) -> None:
     data.write_text('[{"instruction": "a", "input": "", "output": "b", "task_type": "t"}]')
     common = ["--model_name_or_path", TINY, "--train_file", str(data), "--output_dir", str(tmp_path / "o")]
     # check_paths=False: flag parsing only (the offline check belongs to the machine that trains)
-    for extra in (["--push_to_hub", "me/tiny"], ["--push_to_hub=me/tiny"], ["--push_to_hub", "--hub_model_id", "me/tiny"]):
+    for extra in (
+        ["--push_to_hub", "me/tiny"],
+        ["--push_to_hub=me/tiny"],
+        ["--push_to_hub", "--hub_model_id", "me/tiny"],
+    ):
         _, _, _, t = parse_train_args(common + extra, check_paths=False)
         assert t.push_to_hub is True and t.hub_model_id == "me/tiny", extra
     _, _, _, t = parse_train_args(common + ["--push_to_hub", "false"], check_paths=False)

@@ -80,7 +80,7 @@ def load_code(form: str, path: str | Path) -> str:
     """One line of Python that loads the artefact at ``path`` (absolute) and prints a short greedy generation."""
     p = json.dumps(str(path))  # double quotes: the shell command wraps the code in single quotes
     gen = (
-        f"ids = tok({json.dumps(DEMO_PROMPT)}, return_tensors=\"pt\"); "
+        f'ids = tok({json.dumps(DEMO_PROMPT)}, return_tensors="pt"); '
         f"print(tok.decode(model.generate(**ids, max_new_tokens={DEMO_TOKENS}, do_sample=False)[0]))"
     )
     if form == FORM_PEFT:
@@ -92,7 +92,8 @@ def load_code(form: str, path: str | Path) -> str:
     if form == FORM_MERGED:
         return (
             "from transformers import AutoModelForCausalLM, AutoTokenizer; "
-            f"model = AutoModelForCausalLM.from_pretrained({p}); tok = AutoTokenizer.from_pretrained({p}); " + gen
+            f"model = AutoModelForCausalLM.from_pretrained({p}); tok = AutoTokenizer.from_pretrained({p}); "
+            + gen
         )
     if form == FORM_BUNDLE:
         return (
@@ -154,4 +155,3 @@ def artifact(form: str, rel_path: str, out_dir: str | Path) -> dict[str, Any]:
     """The report.json record of one artefact: form, folder (relative to the export) and its load command."""
     absolute = Path(out_dir).resolve() / rel_path
     return {"form": form, "path": rel_path, "load_command": load_command(form, absolute)}
-

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlora.atomic import atomic_dir
+from mtlora.bundle import FORMAT, LOADER_NAME, load_block_export, loader_source
 from mtlora.deploy import (
     BASE_COPY_DIR,
     FORM_BUNDLE,
@@ -59,7 +60,6 @@ from mtlora.deploy import (
     artifact,
     export_base,
 )
-from mtlora.bundle import FORMAT, LOADER_NAME, load_block_export, loader_source
 from mtlora.errors import CheckpointError, MtLoraError
 from mtlora.hub import (
     default_device,
@@ -437,7 +437,9 @@ def read_peft_lora(path: str | Path) -> PeftLora:
         raise CheckpointError(f"{cfg_path}: expected a JSON object")
     if str(cfg.get("peft_type", "")).upper() != "LORA":
         if "method" in cfg:
-            raise CheckpointError(f"{cfg_path}: an mtlora adapter, not a peft LoRA (run `mtlora export` first)")
+            raise CheckpointError(
+                f"{cfg_path}: an mtlora adapter, not a peft LoRA (run `mtlora export` first)"
+            )
         raise CheckpointError(f"{cfg_path}: peft_type={cfg.get('peft_type')!r}, expected 'LORA'")
     for key in ("use_dora", "lora_bias"):
         if cfg.get(key):
@@ -959,7 +961,9 @@ def export_adapter(
         "router": sorted(kinds)[0] if len(kinds) == 1 else sorted(kinds),
         "export_format": fmt,
         "peft_compatible": not block,
-        "deployable_as": [f for f in PLACEMENT_FORMS["block" if block else "component"] if merged or f != FORM_MERGED],
+        "deployable_as": [
+            f for f in PLACEMENT_FORMS["block" if block else "component"] if merged or f != FORM_MERGED
+        ],
         "note": BLOCK_NOT_PEFT if block else None,
         "exported_metrics_from": "mtlora static-routing forward (equals the exported artefact, see tests)",
         "calibration_data": str(calibration_data) if calibration_data else None,
@@ -1014,7 +1018,9 @@ def export_adapter(
             routing = TaskRouting(probs={}, source="none")
         if default_dir is None:
             tdir = _safe_dir_name(t, taken)
-            _write_export(model, routing.probs, out / tdir, block, export_base_name, tokenizer, merged, task=t)
+            _write_export(
+                model, routing.probs, out / tdir, block, export_base_name, tokenizer, merged, task=t
+            )
         else:
             tdir = default_dir
         entry: dict[str, Any] = {
@@ -1115,7 +1121,9 @@ def _artifacts(tdir: str, block: bool, merged: bool, out: Path) -> list[dict[str
     """What one task folder can be deployed as, each with the command that loads it (see mtlora.deploy)."""
     if block:
         return [artifact(FORM_BUNDLE, tdir, out)]
-    return [artifact(FORM_PEFT, tdir, out)] + ([artifact(FORM_MERGED, f"{tdir}/merged", out)] if merged else [])
+    return [artifact(FORM_PEFT, tdir, out)] + (
+        [artifact(FORM_MERGED, f"{tdir}/merged", out)] if merged else []
+    )
 
 
 def _fmt(value: float | None) -> str:

@@ -158,7 +158,7 @@ def tensor_count(path: str | Path) -> int:
 
     total = 0
     with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+        for key in f.keys():
             n = 1
             for d in f.get_slice(key).get_shape():
                 n *= int(d)
@@ -220,7 +220,9 @@ def describe_method(cfg: Mapping[str, Any]) -> list[tuple[str, Any]]:
     elif method in ("lora", "adalora"):
         router = "none"
     elif cfg.get("enable_fine_grained_routing"):
-        router = f"token router, fine-grained (groups of {cfg.get('routing_group_size') or 'd_out/2'} output dims)"
+        router = (
+            f"token router, fine-grained (groups of {cfg.get('routing_group_size') or 'd_out/2'} output dims)"
+        )
     else:
         router = "token router, one scalar per expert"
     rows.append(("router", router))
@@ -240,7 +242,14 @@ def describe_method(cfg: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return rows
 
 
-_ADAPTER_HPARAMS = ("lora_rank", "lora_alpha", "lora_dropout", "block_adapter_rank", "router_top_k", "adapter_dtype")
+_ADAPTER_HPARAMS = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "block_adapter_rank",
+    "router_top_k",
+    "adapter_dtype",
+)
 _TRAIN_HPARAMS = (
     "learning_rate",
     "num_train_epochs",
@@ -327,7 +336,11 @@ def adapter_card(adapter_dir: str | Path) -> str:
     else:
         parts.append("## Training data\n\nNot recorded (no run_manifest.json beside this folder).")
     parts.append("## Hyper-parameters\n\n" + _table(["name", "value"], _hparams(facts)))
-    n = tensor_count(folder / "adapter_model.safetensors") if (folder / "adapter_model.safetensors").is_file() else None
+    n = (
+        tensor_count(folder / "adapter_model.safetensors")
+        if (folder / "adapter_model.safetensors").is_file()
+        else None
+    )
     prow: list[tuple[str, Any]] = [("adapter tensors (elements in adapter_model.safetensors)", n)]
     if facts.manifest and facts.manifest.get("trainable_params") is not None:
         tr, tot = facts.manifest["trainable_params"], facts.manifest.get("total_params")
@@ -403,7 +416,9 @@ def export_card(
             "multi-LoRA servers such as vLLM. The tokenizer is included."
         )
     else:
-        what = "A full model: the base weights plus this task's static update, loadable by plain transformers."
+        what = (
+            "A full model: the base weights plus this task's static update, loadable by plain transformers."
+        )
     src = entry.get("routing_source")
     if src == "calibration":
         how = (
@@ -430,7 +445,9 @@ def export_card(
     parts.append("## Method\n\n" + _table(["", ""], source))
     task_rows = [
         [t, e.get("task_id"), e.get("dir") or "not exported: " + str(e.get("skipped"))]
-        for t, e in sorted(report["tasks"].items(), key=lambda x: (x[1].get("task_id") is None, x[1].get("task_id"), x[0]))
+        for t, e in sorted(
+            report["tasks"].items(), key=lambda x: (x[1].get("task_id") is None, x[1].get("task_id"), x[0])
+        )
     ]
     parts.append(
         f"## Tasks\n\nThis artefact: `{task}`"
@@ -442,13 +459,18 @@ def export_card(
         ["calibration records (this task)", entry.get("calibration_sha256")],
         ["evaluation records (this task)", entry.get("eval_sha256")],
     ]
-    data_rows += [[f"training file {p}", h] for p, h in sorted((facts.manifest or {}).get("data_files", {}).items())]
+    data_rows += [
+        [f"training file {p}", h] for p, h in sorted((facts.manifest or {}).get("data_files", {}).items())
+    ]
     parts.append(
         "## Data\n\nSHA-256 of the records' content (calibration / evaluation) and of the training files "
-        "(when the source run's manifest was found).\n\n" + _table(["data", "sha256"], [r for r in data_rows if r[1]])
+        "(when the source run's manifest was found).\n\n"
+        + _table(["data", "sha256"], [r for r in data_rows if r[1]])
     )
     parts.append("## Hyper-parameters of the source adapter\n\n" + _table(["name", "value"], _hparams(facts)))
-    parts.append("## Parameters\n\n" + _table(["", "count"], _export_param_rows(Path(out_dir) / rel_path, form)))
+    parts.append(
+        "## Parameters\n\n" + _table(["", "count"], _export_param_rows(Path(out_dir) / rel_path, form))
+    )
     if "routed" in entry:
         r, x, b = entry["routed"], entry["exported"], entry["base"]
         rows = [
@@ -469,7 +491,7 @@ def export_card(
         + load_snippet(form, path_for_reader, base)
         + "\n```"
         + (
-            "\n\nOr from the command line: `python load_block_export.py . --prompt \"Once upon a time\"`."
+            '\n\nOr from the command line: `python load_block_export.py . --prompt "Once upon a time"`.'
             if form == FORM_BUNDLE
             else ""
         )
@@ -499,7 +521,9 @@ def export_index_card(report: Mapping[str, Any], facts: AdapterFacts) -> str:
     )
     parts.append(f"## Base model\n\n`{report.get('base_model_name_or_path')}`")
     rows = []
-    for task, e in sorted(report["tasks"].items(), key=lambda x: (x[1].get("task_id") is None, x[1].get("task_id"), x[0])):
+    for task, e in sorted(
+        report["tasks"].items(), key=lambda x: (x[1].get("task_id") is None, x[1].get("task_id"), x[0])
+    ):
         forms = ", ".join(f"{FORM_TITLES[a['form']]} (`{a['path']}/`)" for a in e.get("artifacts", []))
         rows.append([task, e.get("task_id"), forms or "not exported: " + str(e.get("skipped"))])
     parts.append("## Tasks\n\n" + _table(["task", "id", "artefacts"], rows))

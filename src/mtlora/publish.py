@@ -56,7 +56,9 @@ def check_push_target(repo: str, flag: str = "--push_to_hub") -> str:
     return repo
 
 
-def push_folder(folder: str | Path, repo: str, *, private: bool | None = None, message: str | None = None) -> str:
+def push_folder(
+    folder: str | Path, repo: str, *, private: bool | None = None, message: str | None = None
+) -> str:
     """Create ``repo`` (a model repo; kept if it exists) and upload ``folder`` into it; returns the repo URL.
 
     Any failure (network, authentication, permissions) is one :class:`MtLoraError` line that says the folder

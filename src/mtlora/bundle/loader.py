@@ -98,7 +98,9 @@ def load_block_export(model: Any, path: Any) -> list:
             h = torch.nn.functional.linear(x2, a)
             if relu:
                 h = torch.relu(h)
-            delta = (torch.nn.functional.linear(h, b) * scaling).reshape(*x.shape[:-1], b.shape[0]).to(x.dtype)
+            delta = (
+                (torch.nn.functional.linear(h, b) * scaling).reshape(*x.shape[:-1], b.shape[0]).to(x.dtype)
+            )
             if isinstance(output, tuple):
                 return (output[0] + delta,) + tuple(output[1:])
             return output + delta
@@ -167,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Load an mtlora block-adapter bundle onto its base model and generate (greedy, one batch)."
     )
     parser.add_argument("bundle", help="the bundle folder (holds block_adapter_config.json)")
-    parser.add_argument("--base", default=None, help="base model (default: the bundle's base_model_name_or_path)")
+    parser.add_argument(
+        "--base", default=None, help="base model (default: the bundle's base_model_name_or_path)"
+    )
     parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for a batch)")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--device", default=None, help="cpu | cuda (default: where transformers loads it)")
@@ -176,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model, tokenizer = load_bundle(
-            args.bundle, args.base, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+            args.bundle,
+            args.base,
+            device=args.device,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
         )
     except (ValueError, OSError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -139,9 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", required=True, help="where the YAMLs and their JSONL data go")
     p.add_argument("--mmlu_subjects", default=None, help="comma-separated MMLU subjects (e.g. anatomy)")
     p.add_argument("--bbh_tasks", default=None, help="comma-separated BBH tasks (e.g. navigate)")
-    p.add_argument("--bbh_cot", action="store_true", help="the chain-of-thought BBH variant (bbh_cot_fewshot)")
+    p.add_argument(
+        "--bbh_cot", action="store_true", help="the chain-of-thought BBH variant (bbh_cot_fewshot)"
+    )
     p.add_argument("--mmlu_num_fewshot", type=int, default=5)
-    p.add_argument("--bbh_max_gen_toks", type=int, default=None, help="override the harness's generation budget")
+    p.add_argument(
+        "--bbh_max_gen_toks", type=int, default=None, help="override the harness's generation budget"
+    )
     p.add_argument("--mmlu_data_dir", default=None, help="MMLU data folder (default: the bundled copy)")
     p.add_argument("--bbh_data_dir", default=None, help="BBH data folder (default: the bundled copy)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
