@@ -18,11 +18,13 @@ task collapses the experts into ONE rank-r LoRA, exactly (field survey §3, "sta
 What gets written under ``output_dir`` (the ``mtlora export`` contract)::
 
     X/<task>/adapter_config.json, adapter_model.safetensors   plain peft LoRA (component-level adapters)
-    X/<task>/block_adapter.safetensors, block_adapter_config.json, load_block_export.py, README.md
-                                                                block-level adapters (no peft equivalent)
+    X/<task>/block_adapter.safetensors, block_adapter_config.json, load_block_export.py
+                                                                block-level adapters: the bundle (mtlora.bundle)
     X/<task>/merged/                                          base + static Delta W (``--merged``, component)
-    X/report.json                                             routed vs exported accuracy / NLL per task
-    X/task_map.json
+    X/<task>/README.md, tokenizer files                       model card (mtlora.model_card) and tokenizer
+    X/base_model/                                             a bundled base copied (mtlora.deploy.export_base)
+    X/report.json                                             forms + load commands, routed vs exported scores
+    X/README.md, X/task_map.json
 
 The "exported" numbers of the report come from :func:`static_routing` (each routed adapter computing
 ``scaling · B_t A x`` with the task's collapsed up-projection), which performs the same operations as the
@@ -1133,8 +1135,9 @@ def _fmt(value: float | None) -> str:
 def build_parser(prog: str = "mtlora export") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Export an mtlora adapter as one plain peft LoRA per task (static routing), optionally "
-        "merged full models, with a report of the routed vs exported accuracy.",
+        description="Export an mtlora adapter per task (static routing): a plain peft LoRA (component level; "
+        "optionally a merged full model) or a block-adapter bundle (block level), each with its tokenizer and a "
+        "model card, and a report of the forms, their load commands and the routed vs exported accuracy.",
     )
     p.add_argument("adapter_dir", help="mtlora adapter folder (e.g. OUTPUT/sft_lora_model)")
     p.add_argument("--output_dir", required=True, help="where X/<task>/ and X/report.json go")
