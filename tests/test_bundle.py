@@ -180,7 +180,9 @@ def test_bundles_reproduce_static_routing_without_mtlora(data_file: Path, tmp_pa
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     for case in cases:
         r = got[case["dir"]]
-        assert r["max_abs"] < 1e-5, (case["name"], r)
+        # fp32 rounding only (1.2e-5 seen in a full-suite run, other thread settings); a 0.1% error in the
+        # bundle's scaling moves these logits by ~1.5e-2
+        assert r["max_abs"] < 1e-4, (case["name"], r)
         assert r["tokens_equal"], (case["name"], r)
         assert r["texts"] == r["want_texts"], (case["name"], r)  # the loader's own batched generate helper
     # the command the report (and the printout) gives, run as a user would, with mtlora out of reach
