@@ -6,6 +6,9 @@
 #   3. eval throughput (MMLU harness protocol on the bundled tiny model, GPU path)
 #   4. QLoRA memory: peak of a training step on a 16-bit vs 8-bit vs 4-bit base (LLaMA-2-7B shapes, 8 of the
 #      32 layers, full 32k vocabulary; needs bitsandbytes: pip install -e '.[qlora]')
+#   5. vLLM multi-LoRA serving of `mtlora export` component exports (two task LoRAs in one batch vs plain peft),
+#      only if vllm is installed, and only in the time steps 1-4 left of the 560 s budget (its timeout is
+#      what remains, so the total stays within the fixed limits above)
 # Results land in benchmarks/results/*.json (and $OUT when run through the device tool).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,4 +36,13 @@ echo "== qlora memory (cuda, bf16 compute; 16 vs 8 vs 4-bit base, 8 LLaMA-2-7B l
 timeout 150 $PY benchmarks/qlora_memory.py --device cuda --dtype bfloat16 --layers 8 --vocab 32000 --tokens 1024 \
   --batch 1 --gradient_checkpointing --adapter mtlora --kbits 16,8,4 \
   --out "$OUTDIR/qlora_memory_cuda.json" || echo "qlora_memory failed: $?"
+echo "== vLLM multi-LoRA (component exports)"
+left=$((560 - SECONDS))
+if ! $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"; then
+  echo "vllm not installed: vLLM multi-LoRA check skipped"
+elif [ "$left" -lt 60 ]; then
+  echo "vllm_lora_check skipped: only ${left}s of the 560 s budget left"
+else
+  timeout "$left" $PY benchmarks/vllm_lora_check.py --out "$OUTDIR/vllm_lora_check.json" || echo "vllm_lora_check failed: $?"
+fi
 ls -l "$OUTDIR"

@@ -422,10 +422,33 @@ def render_readme_benchmarks() -> str:
         f"**{full['time_vs_hydralora']:.2f}×** HydraLoRA's time, {full['memory_vs_hydralora']:.2f}× its extra memory |",
         f"| `scaling.py` ({ns[0]}–{ns[-1]} synthetic tasks, tiny model) | at {last} tasks: {order} |",
     ]
+    bs = _bench("bundle_speed")
+    st = bs["settings"]
+    lines.append(
+        f"| `bundle_speed.py` (block-FFN+FGR bundle, d{st['hidden']}, {st['layers']} layers, batch {st['batch']} × "
+        f"{st['new_tokens']} new tokens) | greedy `generate` at **{bs['bundle_vs_base']:.2f}×** the unadapted base's "
+        f"tokens/s (mtlora's routed model: {bs['routed_vs_base']:.2f}×) |"
+    )
     return "\n" + "\n".join(lines) + "\n"
 
 
+def render_bundle_speed() -> str:
+    bs = _bench("bundle_speed")
+    st, res, m = bs["settings"], bs["results"], bs["machine"]
+    return (
+        f"\nSpeed (`python benchmarks/bundle_speed.py`, `benchmarks/results/bundle_speed.json`): greedy `generate` "
+        f"(batch {st['batch']}, {st['prompt_tokens']}-token prompts, {st['new_tokens']} new tokens, KV cache) with a "
+        f"block-FFN+FGR bundle (rank {st['rank']}) runs at **{bs['bundle_vs_base']:.2f}×** the unadapted base's "
+        f"tokens/s ({res['bundle']['tokens_per_s']:.1f} vs {res['base']['tokens_per_s']:.1f}); mtlora's routed model "
+        f"({st['experts']} experts) at {bs['routed_vs_base']:.2f}×. Random-initialised LLaMA-shaped model, "
+        f"d={st['hidden']}, {st['layers']} layers, {st['dtype']} on {m['device']} ({m['cpu_count']} shared cores, "
+        f"load average {m['load_average_1_5_15min'][0]}); on a GPU: `--device cuda --dtype bfloat16` and LLaMA-7B "
+        "shapes (`--hidden 4096 --inter 11008 --heads 32 --layers 32`).\n"
+    )
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "bundle_speed": render_bundle_speed,
     "params_table": render_params_table,
     "params_expected": render_params_expected,
     "params_list": render_params_list,

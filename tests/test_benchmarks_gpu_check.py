@@ -28,6 +28,7 @@ def test_gpu_check_flags_exist_in_each_benchmark() -> None:
         "benchmarks/train_step.py",
         "benchmarks/eval_speed.py",
         "benchmarks/qlora_memory.py",
+        "benchmarks/vllm_lora_check.py",
     }
     for script, flags in calls:
         helptext = subprocess.run(
@@ -44,5 +45,9 @@ def test_gpu_check_flags_exist_in_each_benchmark() -> None:
 
 def test_gpu_check_step_limits_fit_one_device_command() -> None:
     """A device command may run 600 s; the steps' ``timeout`` limits must leave room for start-up."""
-    limits = [int(x) for x in re.findall(r"(?m)^\s*timeout (\d+) ", SCRIPT.read_text())]
+    text = SCRIPT.read_text()
+    limits = [int(x) for x in re.findall(r"(?m)^\s*timeout (\d+) ", text)]
     assert len(limits) == 4 and sum(limits) <= 560, limits
+    # the optional vLLM step gets only what the fixed steps left of the same 560 s budget
+    assert "left=$((560 - SECONDS))" in text and 'timeout "$left" $PY benchmarks/vllm_lora_check.py' in text
+    assert len(re.findall(r"(?m)^\s*timeout ", text)) == 5

@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "export": (
         "mtlora.export",
-        "export an adapter as one plain peft LoRA per task (+ merged models, report)",
+        "export per task: plain peft LoRA / merged model (component) or block-adapter bundle (block)",
     ),
     "lorahub": (
         "mtlora.lorahub",

@@ -3,8 +3,10 @@
 Field names are the paper's command-line flags, so ``python train.py --lora_rank 16 --enable_blc ...`` maps
 one-to-one onto this dataclass (it is also the schema of ``HfArgumentParser``). The class subclasses
 peft's ``PeftConfig`` so the saved ``adapter_config.json`` has peft's usual keys (``peft_type``,
-``base_model_name_or_path``, ``task_type`` ...); ``peft_type`` is the string ``"MTLORA"`` (peft's
-``PeftType`` enum is closed, see README "peft integration").
+``base_model_name_or_path``, ``task_type`` ...); ``peft_type`` is ``"MTLORA"`` (peft's ``PeftType`` enum is
+closed, see README "peft integration"). The saved file spells it :data:`SAVED_PEFT_TYPE`, ``"MTLORA: ..."``
+followed by which mtlora call loads the folder: peft's loaders fail on an unknown type with
+``KeyError(<peft_type>)``, so the value is the message a user of plain peft / lm-eval / transformers sees.
 
 Method semantics
 ----------------
@@ -42,6 +44,15 @@ BLOCK_TYPES = ("attention", "ffn", "both")
 BLOCK_STYLES = ("lowrank", "bottleneck", "adaptformer")
 SPECTRAL_MODES = ("spectral", "paper", "uniform")
 PEFT_TYPE = "MTLORA"
+#: ``peft_type`` as written to ``adapter_config.json``: peft reports an unknown type as ``KeyError(value)``
+#: (``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``, lm-eval's ``peft=``), so the value says
+#: what the folder is and which call loads it. Readers accept any value whose part before ":" is MTLORA.
+SAVED_PEFT_TYPE = (
+    "MTLORA: an mtlora multi-task adapter, which peft cannot load. Load it with "
+    "mtlora.hub.load_model(None, ADAPTER_DIR) (base model + adapter + tokenizer) or "
+    "mtlora.MtLoraModel.from_pretrained(base_model, ADAPTER_DIR); for plain peft LoRAs per task run "
+    "mtlora export ADAPTER_DIR --output_dir OUT"
+)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -322,7 +333,7 @@ class MtLoraConfig(PeftConfig):
         known = {f.name for f in fields(cls)}
         data = dict(data)
         peft_type = data.pop("peft_type", PEFT_TYPE)
-        if str(peft_type).upper() != PEFT_TYPE:
+        if str(peft_type).split(":", 1)[0].strip().upper() != PEFT_TYPE:
             raise ConfigError(
                 f"{source}: peft_type={peft_type!r} is not an mtlora adapter (expected {PEFT_TYPE!r})"
             )

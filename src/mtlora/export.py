@@ -18,11 +18,13 @@ task collapses the experts into ONE rank-r LoRA, exactly (field survey §3, "sta
 What gets written under ``output_dir`` (the ``mtlora export`` contract)::
 
     X/<task>/adapter_config.json, adapter_model.safetensors   plain peft LoRA (component-level adapters)
-    X/<task>/block_adapter.safetensors, block_adapter_config.json, load_block_export.py, README.md
-                                                                block-level adapters (no peft equivalent)
+    X/<task>/block_adapter.safetensors, block_adapter_config.json, load_block_export.py
+                                                                block-level adapters: the bundle (mtlora.bundle)
     X/<task>/merged/                                          base + static Delta W (``--merged``, component)
-    X/report.json                                             routed vs exported accuracy / NLL per task
-    X/task_map.json
+    X/<task>/README.md, tokenizer files                       model card (mtlora.model_card) and tokenizer
+    X/base_model/                                             a bundled base copied (mtlora.deploy.export_base)
+    X/report.json                                             forms + load commands, routed vs exported scores
+    X/README.md, X/task_map.json
 
 The "exported" numbers of the report come from :func:`static_routing` (each routed adapter computing
 ``scaling · B_t A x`` with the task's collapsed up-projection), which performs the same operations as the
@@ -35,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import inspect
 import json
 import math
 import re
@@ -50,6 +51,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlora.atomic import atomic_dir
+from mtlora.bundle import FORMAT, LOADER_NAME, load_block_export, loader_source
+from mtlora.deploy import (
+    BASE_COPY_DIR,
+    FORM_BUNDLE,
+    FORM_MERGED,
+    FORM_PEFT,
+    FORM_TITLES,
+    PLACEMENT_FORMS,
+    artifact,
+    export_base,
+)
 from mtlora.errors import CheckpointError, MtLoraError
 from mtlora.hub import (
     default_device,
@@ -95,8 +107,8 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 BLOCK_CONFIG_NAME = "block_adapter_config.json"
 BLOCK_WEIGHTS_NAME = "block_adapter.safetensors"
-BLOCK_LOADER_NAME = "load_block_export.py"
-BLOCK_FORMAT = "mtlora-block-export"
+BLOCK_LOADER_NAME = LOADER_NAME
+BLOCK_FORMAT = FORMAT
 DEFAULT_EXPORT = "default"  # directory name of the single export of an adapter without a router
 IGNORE_INDEX = -100
 _PEFT_KEY = re.compile(
@@ -426,10 +438,11 @@ def read_peft_lora(path: str | Path) -> PeftLora:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object")
     if str(cfg.get("peft_type", "")).upper() != "LORA":
-        raise CheckpointError(
-            f"{cfg_path}: peft_type={cfg.get('peft_type')!r}, expected 'LORA'"
-            + (" (an mtlora adapter: run `mtlora export` first)" if "method" in cfg else "")
-        )
+        if "method" in cfg:
+            raise CheckpointError(
+                f"{cfg_path}: an mtlora adapter, not a peft LoRA (run `mtlora export` first)"
+            )
+        raise CheckpointError(f"{cfg_path}: peft_type={cfg.get('peft_type')!r}, expected 'LORA'")
     for key in ("use_dora", "lora_bias"):
         if cfg.get(key):
             raise CheckpointError(f"{cfg_path}: {key}=true LoRAs are not supported")
@@ -595,11 +608,14 @@ def export_block_adapter(
         )
     if not entries:
         raise MtLoraError("the model has no block-level adapters")
+    base = base_model_name_or_path or model.mtlora_config.base_model_name_or_path
+    if base and base.lower().startswith("mtlora:"):  # the bundle's loader has no mtlora to resolve the prefix
+        base = resolve_model_path(base)
     config = {
         "format": BLOCK_FORMAT,
         "version": EXPORT_VERSION,
         "task": task,
-        "base_model_name_or_path": base_model_name_or_path or model.mtlora_config.base_model_name_or_path,
+        "base_model_name_or_path": base,
         "weights": BLOCK_WEIGHTS_NAME,
         "placement": "forward hook on each named block; adds scaling * B act(A x) to the block output, "
         "x = the block input (the pre-norm output); act = identity (lowrank) or ReLU (bottleneck, adaptformer)",
@@ -612,91 +628,20 @@ def export_block_adapter(
             metadata={"format": "pt", "mtlora_export": str(EXPORT_VERSION)},
         )
         (out / BLOCK_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        (out / BLOCK_LOADER_NAME).write_text(_standalone_loader_source())
+        (out / BLOCK_LOADER_NAME).write_text(loader_source())
         (out / "README.md").write_text(_block_readme(task))
     return Path(out_dir)
 
 
-def load_block_export(model: Any, path: Any) -> list:
-    """Attach an exported static block adapter (``mtlora export``) to a plain Hugging Face causal LM.
-
-    Why hooks: a block adapter is a parallel path ``Delta(x) = scaling · B act(A x)`` over a whole
-    attention/MLP block, reading the block input (the pre-norm output). No peft layer type expresses that,
-    but a forward hook on the block module does, without touching the model class. This function is also
-    written verbatim to ``load_block_export.py`` in every block export, so it must import only torch,
-    safetensors and the standard library.
-
-    Returns the hook handles; ``for h in handles: h.remove()`` detaches the adapter again.
-    """
-    import json as _json
-    from pathlib import Path as _Path
-
-    import torch as _torch
-    from safetensors.torch import load_file as _load_file
-
-    folder = _Path(path)
-    cfg = _json.loads((folder / "block_adapter_config.json").read_text())
-    if cfg.get("format") != "mtlora-block-export":
-        raise ValueError(f"{folder}: not an mtlora block export (format={cfg.get('format')!r})")
-    tensors = _load_file(str(folder / cfg["weights"]))
-    named = dict(model.named_modules())
-    handles = []
-    for entry in cfg["modules"]:
-        name = entry["name"]
-        host = named.get(name)
-        if host is None:
-            raise ValueError(f"{folder}: the model has no module {name!r}; is it the export's base model?")
-        device = next(host.parameters()).device
-        a = tensors[name + ".lora_A"].to(device)
-        b = tensors[name + ".lora_B"].to(device)
-        scaling, relu = float(entry["scaling"]), entry["style"] in ("bottleneck", "adaptformer")
-
-        def hook(module, args, kwargs, output, a=a, b=b, scaling=scaling, relu=relu, name=name):
-            x = (
-                kwargs["hidden_states"]
-                if "hidden_states" in kwargs
-                else (args[0] if args else kwargs.get("x"))
-            )
-            if x is None:
-                raise ValueError(f"{name}: could not find the block input (hidden_states) in the call")
-            x2 = x.reshape(-1, a.shape[1])
-            if not _torch.is_autocast_enabled(x.device.type):
-                x2 = x2.to(a.dtype)
-            h = _torch.nn.functional.linear(x2, a)
-            if relu:
-                h = _torch.relu(h)
-            delta = (
-                (_torch.nn.functional.linear(h, b) * scaling).reshape(*x.shape[:-1], b.shape[0]).to(x.dtype)
-            )
-            if isinstance(output, tuple):
-                return (output[0] + delta,) + tuple(output[1:])
-            return output + delta
-
-        handles.append(host.register_forward_hook(hook, with_kwargs=True))
-    return handles
-
-
-def _standalone_loader_source() -> str:
-    body = inspect.getsource(load_block_export)
-    return (
-        '"""Loader for an mtlora static block-adapter export (needs torch and safetensors, not mtlora).\n\n'
-        "    from transformers import AutoModelForCausalLM\n"
-        "    from load_block_export import load_block_export\n"
-        "    model = AutoModelForCausalLM.from_pretrained(BASE)\n"
-        "    handles = load_block_export(model, EXPORT_DIR)   # h.remove() for h in handles to detach\n"
-        '"""\n\nfrom __future__ import annotations\n\nfrom typing import Any\n\n\n' + body
-    )
-
-
 def _block_readme(task: str | None) -> str:
+    """A minimal README for a bundle written through the Python API (``mtlora export`` writes a full model card)."""
     return (
-        f"# mtlora static block-adapter export{f' (task {task})' if task else ''}\n\n"
+        f"# mtlora block-adapter bundle{f' (task {task})' if task else ''}\n\n"
         "No peft LoRA here: " + BLOCK_NOT_PEFT + "\n\n"
         "```python\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "from load_block_export import load_block_export  # this folder's file; no mtlora import needed\n\n"
-        "model = AutoModelForCausalLM.from_pretrained(BASE_MODEL)\n"
-        "handles = load_block_export(model, 'path/to/this/folder')\n"
+        "import sys; sys.path.insert(0, 'path/to/this/folder')\n"
+        "from load_block_export import load_bundle  # this folder's file; no mtlora import needed\n\n"
+        "model, tokenizer = load_bundle('path/to/this/folder')\n"
         "```\n\n"
         "`block_adapter_config.json` lists every block (module path, rank, scaling, style); "
         "`block_adapter.safetensors` holds `<module>.lora_A` (r, d) and the task's static "
@@ -852,7 +797,7 @@ def evaluate_records(
 # ============================================================================ driver
 def _safe_dir_name(task: str, taken: set[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", task).strip("._") or "task"
-    if base in (REPORT_NAME, "task_map.json"):
+    if base.lower() in (REPORT_NAME, "task_map.json", BASE_COPY_DIR, "readme.md"):
         base = f"task_{base}"
     name, i = base, 1
     while name.lower() in taken:
@@ -922,6 +867,7 @@ def export_adapter(
     from mtlora.config import CONFIG_NAME, MtLoraConfig
     from mtlora.data import build_task_map, load_records, load_task_map, save_task_map
     from mtlora.data.records import write_json_atomic
+    from mtlora.data.tokenize import records_fingerprint
 
     if not (isinstance(eval_fraction, (int, float)) and 0.0 < eval_fraction < 1.0):
         raise MtLoraError(f"--eval_fraction {eval_fraction}: must be in (0, 1), the held-out share per task")
@@ -1003,16 +949,23 @@ def export_adapter(
 
     out.mkdir(parents=True, exist_ok=True)
     fmt = "mtlora_block" if block else "peft_lora"
+    # the base every export names: resolvable by plain transformers (a bundled model is copied beside them)
+    export_base_name, base_copy = export_base(str(base_name), out)
     report: dict[str, Any] = {
         "format": "mtlora-export-report",
         "version": EXPORT_VERSION,
         "adapter_dir": str(adapter_dir),
         "base_model": str(base_name),
+        "base_model_name_or_path": export_base_name,
+        "base_model_copy": base_copy,
         "method": mt_cfg.method,
         "level": "block" if block else "component",
         "router": sorted(kinds)[0] if len(kinds) == 1 else sorted(kinds),
         "export_format": fmt,
         "peft_compatible": not block,
+        "deployable_as": [
+            f for f in PLACEMENT_FORMS["block" if block else "component"] if merged or f != FORM_MERGED
+        ],
         "note": BLOCK_NOT_PEFT if block else None,
         "exported_metrics_from": "mtlora static-routing forward (equals the exported artefact, see tests)",
         "calibration_data": str(calibration_data) if calibration_data else None,
@@ -1036,7 +989,7 @@ def export_adapter(
     default_dir: str | None = None
     if single:  # one export serves every task
         default_dir = _safe_dir_name(DEFAULT_EXPORT, taken)
-        _write_export(model, {}, out / default_dir, block, base_name, tokenizer, merged, task=None)
+        _write_export(model, {}, out / default_dir, block, export_base_name, tokenizer, merged, task=None)
         report["default_export"] = default_dir
     eval_kw = dict(
         max_seq_length=max_seq_length, template=template, batch_size=batch_size, max_new_tokens=max_new_tokens
@@ -1053,7 +1006,12 @@ def export_adapter(
                 skipped = f"every calibration record's target is truncated away at --max_seq_length {max_seq_length}"
             if skipped:  # one unusable task must not sink the export of the others
                 print(f"warning: task {t!r} not exported: {skipped}", file=sys.stderr)
-                report["tasks"][t] = {"task_id": task_map.get(t), "dir": None, "skipped": skipped}
+                report["tasks"][t] = {
+                    "task_id": task_map.get(t),
+                    "dir": None,
+                    "artifacts": [],
+                    "skipped": skipped,
+                }
                 continue
             routing = estimate_task_routing(
                 model, tokenizer, cal, max_seq_length=max_seq_length, template=template, batch_size=batch_size
@@ -1062,7 +1020,9 @@ def export_adapter(
             routing = TaskRouting(probs={}, source="none")
         if default_dir is None:
             tdir = _safe_dir_name(t, taken)
-            _write_export(model, routing.probs, out / tdir, block, base_name, tokenizer, merged, task=t)
+            _write_export(
+                model, routing.probs, out / tdir, block, export_base_name, tokenizer, merged, task=t
+            )
         else:
             tdir = default_dir
         entry: dict[str, Any] = {
@@ -1070,10 +1030,14 @@ def export_adapter(
             "dir": tdir,
             "format": fmt,
             "merged_dir": f"{tdir}/merged" if merged else None,
+            "artifacts": _artifacts(tdir, block, merged, out),
             "routing_source": routing.source,
             "calibration_examples": routing.examples,
             "calibration_tokens": routing.tokens,
             "eval_examples": len(ev),
+            # content hashes of the records this task's export was calibrated and scored on (model cards)
+            "calibration_sha256": records_fingerprint(cal) if cal else None,
+            "eval_sha256": records_fingerprint(ev) if ev else None,
         }
         if evaluate and ev:
             fkw = {"task_ids": task_map[t]} if "task" in kinds else {}
@@ -1114,8 +1078,24 @@ def export_adapter(
         }
     if task_map:  # written with the report, so a failed export leaves no stray task map
         save_task_map(task_map, out / "task_map.json")
+    _write_cards(report, adapter_dir, out)
     write_json_atomic(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _write_cards(report: dict[str, Any], adapter_dir: Path, out: Path) -> None:
+    """README.md model card in every artefact folder (one per folder) and an index card in ``out``."""
+    from mtlora.model_card import export_card, export_index_card, gather, write_card
+
+    facts = gather(adapter_dir)
+    done: set[str] = set()
+    for task, entry in report["tasks"].items():
+        for art in entry.get("artifacts", []):
+            if art["path"] in done:  # the single export of an unrouted adapter serves every task
+                continue
+            done.add(art["path"])
+            write_card(out / art["path"], export_card(report, task, facts, art["form"], art["path"], out))
+    write_card(out, export_index_card(report, facts))
 
 
 def _write_export(
@@ -1132,10 +1112,20 @@ def _write_export(
     with atomic_dir(tdir) as tmp:
         if block:
             export_block_adapter(model, probs, tmp, base_model_name_or_path=base_name, task=task)
-            return
-        export_peft_lora(model, probs, tmp, base_model_name_or_path=base_name)
-        if merged:
+        else:
+            export_peft_lora(model, probs, tmp, base_model_name_or_path=base_name)
+        tokenizer.save_pretrained(str(tmp))  # a serving stack can take base, adapter and tokenizer from here
+        if merged and not block:
             save_merged_model(model, probs, tmp / "merged", tokenizer=tokenizer)
+
+
+def _artifacts(tdir: str, block: bool, merged: bool, out: Path) -> list[dict[str, Any]]:
+    """What one task folder can be deployed as, each with the command that loads it (see mtlora.deploy)."""
+    if block:
+        return [artifact(FORM_BUNDLE, tdir, out)]
+    return [artifact(FORM_PEFT, tdir, out)] + (
+        [artifact(FORM_MERGED, f"{tdir}/merged", out)] if merged else []
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -1145,8 +1135,9 @@ def _fmt(value: float | None) -> str:
 def build_parser(prog: str = "mtlora export") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Export an mtlora adapter as one plain peft LoRA per task (static routing), optionally "
-        "merged full models, with a report of the routed vs exported accuracy.",
+        description="Export an mtlora adapter per task (static routing): a plain peft LoRA (component level; "
+        "optionally a merged full model) or a block-adapter bundle (block level), each with its tokenizer and a "
+        "model card, and a report of the forms, their load commands and the routed vs exported accuracy.",
     )
     p.add_argument("adapter_dir", help="mtlora adapter folder (e.g. OUTPUT/sft_lora_model)")
     p.add_argument("--output_dir", required=True, help="where X/<task>/ and X/report.json go")
@@ -1175,6 +1166,14 @@ def build_parser(prog: str = "mtlora export") -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--push_to_hub",
+        default=None,
+        metavar="REPO",
+        help="after a complete export, upload the output folder (every task, report, model cards) to this Hub "
+        "model repo (owner/name) with huggingface_hub",
+    )
+    p.add_argument("--hub_private", action="store_true", help="with --push_to_hub: create the repo private")
     add_quantization_arguments(p)
     add_safety_flags(p)
     return p
@@ -1191,6 +1190,10 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if getattr(args, name) < 1:
             raise MtLoraError(f"--{name} must be >= 1")
+    if args.push_to_hub:  # an impossible push (offline, bad repo id) fails before any work
+        from mtlora.publish import check_push_target
+
+        check_push_target(args.push_to_hub)
     device = args.device or default_device()
     report = export_adapter(
         args.adapter_dir,
@@ -1225,7 +1228,15 @@ def main(argv: list[str] | None = None) -> int:
             line += f"  acc routed {_fmt(r['accuracy'])} exported {_fmt(x['accuracy'])}"
             line += f"  nll routed {_fmt(r['nll'])} exported {_fmt(x['nll'])} base {_fmt(e['base']['nll'])}"
         print(line)
+    for task, e in report["tasks"].items():  # per task: each form written and the command that loads it
+        for a in e.get("artifacts", []):
+            print(f"  {task} -> {FORM_TITLES[a['form']]} in {a['path']}/\n      load: {a['load_command']}")
     print(f"report: {Path(args.output_dir) / REPORT_NAME}")
+    if args.push_to_hub:
+        from mtlora.publish import push_folder
+
+        url = push_folder(args.output_dir, args.push_to_hub, private=args.hub_private or None)
+        print(f"pushed {args.output_dir} to {url}")
     return 0
 
 

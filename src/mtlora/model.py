@@ -28,7 +28,7 @@ from torch import nn
 
 from mtlora import __version__
 from mtlora.atomic import atomic_dir, recover_interrupted
-from mtlora.config import CONFIG_NAME, WEIGHTS_NAME, MtLoraConfig
+from mtlora.config import CONFIG_NAME, SAVED_PEFT_TYPE, WEIGHTS_NAME, MtLoraConfig
 from mtlora.errors import CheckpointError, MtLoraError, PlacementError
 from mtlora.hub import torch_dtype
 from mtlora.layers import MultiExpertLoRA, RoutingState
@@ -390,6 +390,7 @@ class MtLoraModel(nn.Module):
         cfg = self.mtlora_config.to_dict()
         cfg["mtlora_version"] = __version__
         cfg[QUANT_RECORD_KEY] = quantization_of(self.base_model).record()
+        cfg["peft_type"] = SAVED_PEFT_TYPE  # what peft's loaders print when handed this folder
         cfg.update(extra_config)
         save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "mtlora": __version__})
         (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")

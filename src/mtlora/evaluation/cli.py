@@ -30,6 +30,7 @@ USAGE = """usage: mtlora eval {mmlu,bbh} --model_name_or_path M [--lora_checkpoi
 
   mmlu   MMLU, 57 subjects (5-shot from dev; --subjects s1,s2)
   bbh    BIG-Bench Hard, 27 tasks (3-shot; --tasks t1,t2; --cot for bbh_cot_fewshot)
+  lm_eval_tasks   write lm-evaluation-harness task YAMLs over the bundled data (run `lm_eval` offline on them)
 
   --protocol harness (default, lm-evaluation-harness conventions) | paper (the released mtLoRA scripts;
              the default of eval_bbh.py / eval_mmlu.py)
@@ -423,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     benchmark, rest = argv[0], argv[1:]
+    if benchmark == "lm_eval_tasks":
+        from mtlora.evaluation.lm_eval_tasks import main as tasks_main
+
+        return tasks_main(rest)
     if benchmark not in ("mmlu", "bbh"):
         raise MtLoraError(f"unknown benchmark {benchmark!r}; use: mtlora eval mmlu|bbh ...")
     return run(benchmark, rest)

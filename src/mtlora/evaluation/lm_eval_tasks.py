@@ -13,11 +13,19 @@ Usage::
                             task_manager=lm_eval.tasks.TaskManager(include_path=include_path), ...)
 
 Needs the optional ``lm-eval`` package (``pip install mtlora[eval]``).
+
+From the shell (the recipe for evaluating an exported adapter with lm-eval, offline)::
+
+    mtlora eval lm_eval_tasks --output_dir tasks/ --mmlu_subjects anatomy --bbh_tasks navigate
+    lm_eval --model hf --model_args pretrained=BASE,peft=exported/<task> --include_path tasks/ \
+        --tasks mtlora_local_mmlu_anatomy,mtlora_local_bbh_fewshot_navigate
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -114,3 +122,52 @@ def write_lm_eval_tasks(
         (out / f"{name}.yaml").write_text(_yaml(spec), encoding="utf-8")
         names.append(name)
     return str(out), names
+
+
+def _names(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mtlora eval lm_eval_tasks``: write the YAMLs and print the ``lm_eval`` command that uses them."""
+    p = argparse.ArgumentParser(
+        prog="mtlora eval lm_eval_tasks",
+        description="Write lm-evaluation-harness task YAMLs that read the bundled (or given) MMLU/BBH data, so "
+        "`lm_eval --include_path DIR` runs offline - e.g. on an exported adapter with "
+        "--model_args pretrained=BASE,peft=EXPORT/<task>.",
+    )
+    p.add_argument("--output_dir", required=True, help="where the YAMLs and their JSONL data go")
+    p.add_argument("--mmlu_subjects", default=None, help="comma-separated MMLU subjects (e.g. anatomy)")
+    p.add_argument("--bbh_tasks", default=None, help="comma-separated BBH tasks (e.g. navigate)")
+    p.add_argument(
+        "--bbh_cot", action="store_true", help="the chain-of-thought BBH variant (bbh_cot_fewshot)"
+    )
+    p.add_argument("--mmlu_num_fewshot", type=int, default=5)
+    p.add_argument(
+        "--bbh_max_gen_toks", type=int, default=None, help="override the harness's generation budget"
+    )
+    p.add_argument("--mmlu_data_dir", default=None, help="MMLU data folder (default: the bundled copy)")
+    p.add_argument("--bbh_data_dir", default=None, help="BBH data folder (default: the bundled copy)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    subjects, tasks = _names(args.mmlu_subjects), _names(args.bbh_tasks)
+    if not subjects and not tasks:
+        raise MtLoraError("give --mmlu_subjects and/or --bbh_tasks (comma-separated names)")
+    if args.mmlu_num_fewshot < 0:
+        raise MtLoraError(f"--mmlu_num_fewshot {args.mmlu_num_fewshot}: must be >= 0")
+    include, names = write_lm_eval_tasks(
+        args.output_dir,
+        subjects,
+        tasks,
+        bbh_cot=args.bbh_cot,
+        mmlu_num_fewshot=args.mmlu_num_fewshot,
+        mmlu_data_dir=args.mmlu_data_dir,
+        bbh_data_dir=args.bbh_data_dir,
+        bbh_max_gen_toks=args.bbh_max_gen_toks,
+    )
+    print(f"include_path: {include}")
+    print(f"tasks: {','.join(names)}")
+    print(
+        "run: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args pretrained=BASE[,peft=ADAPTER] "
+        f"--include_path {include} --tasks {','.join(names)}"
+    )
+    return 0

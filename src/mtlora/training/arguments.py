@@ -254,6 +254,7 @@ def parse_train_args(
     if "--released_defaults" in rest:
         rest = [a for a in rest if a != "--released_defaults"]
         parser.set_defaults(**RELEASED_DEFAULTS)
+    rest = _push_to_hub_argv(rest)
     precheck_argv(rest)
     try:
         model_args, data_args, adapter, train_args = parser.parse_args_into_dataclasses(args=rest)
@@ -279,7 +280,39 @@ def parse_train_args(
     if train_args.remove_unused_columns:
         raise ConfigError("--remove_unused_columns must be False (task ids travel in the batch)")
     _check_released_flags(model_args, data_args, adapter, train_args)
+    if train_args.push_to_hub:
+        from mtlora.publish import check_push_target
+
+        if not train_args.hub_model_id:
+            raise ConfigError("--push_to_hub: name the Hub repo, --push_to_hub OWNER/NAME")
+        if check_paths:  # the Hub must be reachable from here; checked before any training starts
+            check_push_target(train_args.hub_model_id)
     return model_args, data_args, adapter, train_args
+
+
+_BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "t", "f", "y", "n"}
+
+
+def _push_to_hub_argv(argv: list[str]) -> list[str]:
+    """``--push_to_hub REPO`` -> ``--push_to_hub true --hub_model_id REPO`` (transformers' own flag is a bool
+    with the repo in ``--hub_model_id``; both spellings work). mtlora, not the Trainer, does the upload: once,
+    of the final adapter folder with its model card (:mod:`mtlora.publish`, called by ``mtlora train``)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        value = None
+        if arg == "--push_to_hub" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            value, step = argv[i + 1], 2
+        elif arg.startswith("--push_to_hub="):
+            value, step = arg.split("=", 1)[1], 1
+        if value is not None and value.lower() not in _BOOL_WORDS:
+            out += ["--push_to_hub", "true", "--hub_model_id", value]
+            i += step
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 def _check_released_flags(

@@ -57,15 +57,38 @@ def main(argv: list[str]) -> int:
     hub_argv = lorahub_train_argv(argv)  # None unless --method lorahub; else argv with --method lora
     if hub_argv is not None:
         model_args, data_args, adapter, train_args = parse_train_args(hub_argv)
+        push_repo = _take_push_repo(train_args)
         adapter_dir = run_lorahub_method(model_args, data_args, adapter, train_args)
         if train_args.should_save:
+            from mtlora.model_card import write_training_card
+
+            write_training_card(adapter_dir)
             print(f"composed LoRAHub adapter saved to {adapter_dir}")
+            _push(adapter_dir, push_repo, train_args.hub_private_repo)
         return 0
     model_args, data_args, adapter, train_args = parse_train_args(argv)
+    push_repo = _take_push_repo(train_args)
     try:
         adapter_dir = train(model_args, data_args, adapter, train_args)
     except pickle.UnpicklingError as exc:  # the Trainer's torch.load(weights_only=True) refused a file
         raise refused_checkpoint_pickle(exc, train_args) from None
     if train_args.should_save:
         print(f"adapter saved to {adapter_dir}")
+        _push(adapter_dir, push_repo, train_args.hub_private_repo)
     return 0
+
+
+def _take_push_repo(train_args: Any) -> str | None:
+    """The repo of ``--push_to_hub`` (checked by parse_train_args); the Trainer's own push is switched off so
+    that it does not upload checkpoints on every save - mtlora uploads the final adapter folder once."""
+    repo = train_args.hub_model_id if train_args.push_to_hub else None
+    train_args.push_to_hub = False
+    return repo
+
+
+def _push(adapter_dir: Path, repo: str | None, private: bool | None) -> None:
+    """Upload the finished adapter folder (adapter, tokenizer, task map, model card) to ``repo``."""
+    if repo:
+        from mtlora.publish import push_folder
+
+        print(f"pushed {adapter_dir} to {push_folder(adapter_dir, repo, private=private)}")

@@ -505,4 +505,7 @@ def train(
             "spectral_applications": spectral.num_applications if spectral else 0,
         }
         write_text_atomic(out / "run_manifest.json", json.dumps(manifest, indent=2) + "\n")
+        from mtlora.model_card import write_training_card
+
+        write_training_card(adapter_dir)  # README.md: what the folder is, how it was trained, how to load it
     return adapter_dir
