@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlora.atomic import atomic_dir
+from mtlora.dtypes import model_device
 from mtlora.errors import CheckpointError, MtLoraError
 from mtlora.hub import (
     default_device,
@@ -271,10 +272,7 @@ def _pad_id(tokenizer: Any) -> int:
     return resolve_pad_token_id(tokenizer)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+_model_device = model_device  # the old private name (lorahub imports it)
 
 
 def estimate_task_routing(

@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtlora import __version__
+from mtlora._version import __version__
 from mtlora.atomic import atomic_dir, recover_interrupted
 from mtlora.config import CONFIG_NAME, WEIGHTS_NAME, MtLoraConfig
+from mtlora.dtypes import torch_dtype
 from mtlora.errors import CheckpointError, MtLoraError, PlacementError
-from mtlora.hub import torch_dtype
 from mtlora.layers import MultiExpertLoRA, RoutingState
 from mtlora.losses import balance_loss
 from mtlora.placement import (
