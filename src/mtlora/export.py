@@ -428,7 +428,7 @@ def convert_lora_to_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
 
     adapter_dir = Path(adapter_dir)
     cfg = MtLoraConfig.from_json_file(adapter_dir / CONFIG_NAME)
-    if cfg.method != "lora" or cfg.enable_block_adapter:
+    if cfg.router_class.is_routed or cfg.enable_block_adapter:  # not one plain LoRA per linear
         raise MtLoraError(
             f"{adapter_dir}: method={cfg.method} (block={cfg.enable_block_adapter}) has routing or block "
             "adapters; use export_adapter / `mtlora export` instead of a file conversion"
