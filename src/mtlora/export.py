@@ -417,7 +417,8 @@ def export_peft_lora(
 
 
 def convert_lora_to_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """File-only conversion of an mtlora ``method=lora`` component adapter to a plain peft LoRA.
+    """File-only conversion of a single-expert mtlora component adapter (``method=lora``, or any method with
+    one expert, i.e. no router) to a plain peft LoRA.
 
     No model is loaded: with one expert and no router, ``lora_B`` ``(d_out, 1, r)`` is already peft's
     ``(d_out, r)``. Used by LoRAHub to turn freshly trained per-task LoRAs into its inputs.
