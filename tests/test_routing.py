@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _tiny import tiny_model
@@ -12,6 +14,7 @@ from mtlora.errors import ConfigError, MtLoraError
 from mtlora.layers import MultiExpertLoRA
 from mtlora.routing import (
     REGISTRY,
+    FineGrainedTokenRouter,
     NoRouter,
     Router,
     StaticRouting,
@@ -85,7 +88,14 @@ def test_saved_keys_name_the_router_child_and_no_router_adds_none() -> None:
 
 def test_make_router_resolves_and_rejects() -> None:
     assert isinstance(make_router("token", in_features=8, num_experts=1), NoRouter)  # one expert: no routing
-    assert isinstance(make_router("token", in_features=8, num_experts=3, num_groups=2), TokenRouter)
+    assert type(make_router("token", in_features=8, num_experts=3)) is TokenRouter
+    fine = make_router("token", in_features=8, num_experts=3, num_groups=2)
+    assert type(fine) is FineGrainedTokenRouter and fine.kind == "token"
+    assert type(TokenRouter(8, 3, 2)) is FineGrainedTokenRouter  # the public constructor picks the form too
+    assert (
+        type(copy.deepcopy(fine)) is FineGrainedTokenRouter
+        and type(copy.deepcopy(TokenRouter(8, 3))) is TokenRouter
+    )
     with pytest.raises(MtLoraError, match="unknown router kind 'bogus'"):
         make_router("bogus", num_experts=2)
     with pytest.raises(MtLoraError, match="exactly one expert"):
@@ -125,7 +135,7 @@ def test_experts_view_is_a_view_in_every_layout() -> None:
     assert m.expert_B(1).shape == (6, 2) and m.expert_B(1).data_ptr() == m.lora_B[:, 0, 2:].data_ptr()
 
 
-class _UniformRouter(TokenRouter):
+class _UniformRouter(FineGrainedTokenRouter):
     """A router the layer has never heard of: uniform weights, from its forward (no fused GEMM)."""
 
     kind = "uniform_test"

@@ -4,8 +4,8 @@ One class per router kind, each a collaborator of :class:`~mtlora.layers.MultiEx
 :mod:`mtlora.routing.base` for the interface and why):
 
 * :class:`NoRouter` (``none``) - plain LoRA, one expert;
-* :class:`TokenRouter` (``token``) - HydraLoRA / mtLoRA, scalar (G=1) or fine-grained (G>1) softmax over the
-  experts from each token's input;
+* :class:`TokenRouter` (``token``) - HydraLoRA / mtLoRA, a softmax over the experts from each token's input;
+  :class:`FineGrainedTokenRouter` (same kind) is its fine-grained form, one softmax per group of outputs (G>1);
 * :class:`TaskRouter` (``task``) - MMoELoRA's task gate, one softmax per sample from a task embedding;
 * :class:`StaticRouting` - frozen per-task weights in place of a router (export, static-routing evaluation).
 
@@ -29,10 +29,11 @@ from mtlora.routing.base import (
 from mtlora.routing.none import NoRouter
 from mtlora.routing.static import StaticRouting, static_routing, static_up_projection
 from mtlora.routing.task import TaskRouter
-from mtlora.routing.token import TokenRouter, num_groups_for
+from mtlora.routing.token import FineGrainedTokenRouter, TokenRouter, num_groups_for
 
 __all__ = [
     "REGISTRY",
+    "FineGrainedTokenRouter",
     "NoRouter",
     "Router",
     "RoutingState",

@@ -39,12 +39,21 @@ def num_groups_for(out_features: int, group_size: int | None, fine_grained: bool
 
 
 class TokenRouter(Router):
-    """Token-level router: scalar (``num_groups=1``) or fine-grained (``num_groups=G``)."""
+    """Token-level router: scalar (``num_groups=1``) or fine-grained (``num_groups=G``).
+
+    ``TokenRouter(d_in, E, G)`` with G > 1 gives a :class:`FineGrainedTokenRouter` (same parameters and kind;
+    only the up-projection differs), so either spelling builds the right object.
+    """
 
     kind = "token"
     needs_calibration = True
     has_balance = True
     static_source = "calibration"
+
+    def __new__(cls, in_features: int = 0, num_experts: int = 1, num_groups: int = 1, *args: Any, **kw: Any):
+        if cls is TokenRouter and num_groups > 1:
+            cls = FineGrainedTokenRouter
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -86,7 +95,9 @@ class TokenRouter(Router):
     ) -> Router:
         if num_experts == 1:  # a token router over one expert routes nothing
             return NoRouter()
-        return cls(in_features, num_experts, num_groups, top_k, device=device, dtype=dtype)
+        return cls(
+            in_features, num_experts, num_groups, top_k, device=device, dtype=dtype
+        )  # G > 1: fine-grained
 
     @classmethod
     def from_config(cls, cfg: Any, in_features: int, out_features: int, rank: int, **kw: Any) -> Router:
@@ -128,26 +139,6 @@ class TokenRouter(Router):
             mix = mix * scales.to(h.dtype)
         return torch.bmm(mix.reshape(n_tok, ge, 1), h.unsqueeze(1)).view(n_tok, ge * h.shape[1])
 
-    def up_project(
-        self,
-        z: torch.Tensor,
-        lora_B: torch.Tensor,
-        base: torch.Tensor | None,
-        batch_shape: tuple[int, ...],
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        g = self.num_groups
-        if g == 1:
-            return super().up_project(z, lora_B, base, batch_shape, out_dtype)
-        # group g = dims [g*gs, (g+1)*gs): a contiguous view of B, one batched matmul
-        d_out, n_tok = lora_B.shape[0], z.shape[0]
-        er = lora_B.shape[1] * lora_B.shape[2]
-        b = lora_B.view(g, d_out // g, er)
-        y = torch.bmm(z.view(n_tok, g, er).transpose(0, 1), b.transpose(1, 2)).transpose(0, 1)
-        if base is not None:  # (N, G, gs) view: the sum is the single (N, d_out) copy it needs
-            return (base.reshape(n_tok, g, -1) + y.to(out_dtype)).reshape(base.shape)
-        return y.reshape(*batch_shape, d_out).to(out_dtype)
-
     def observe(
         self,
         probs: torch.Tensor | None,
@@ -177,3 +168,29 @@ class TokenRouter(Router):
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, experts={self.num_experts}, groups={self.num_groups}, top_k={self.top_k}"
+
+
+class FineGrainedTokenRouter(TokenRouter):
+    """mtLoRA's fine-grained routing (G > 1): one weight per expert and group of ``d_out / G`` output dims.
+
+    The routing itself is :class:`TokenRouter`'s (group-major logits, softmax per group); ``z`` is
+    ``(N, G*E*r)`` and the up-projection is one batched matmul over the groups instead of one GEMM.
+    """
+
+    def up_project(
+        self,
+        z: torch.Tensor,
+        lora_B: torch.Tensor,
+        base: torch.Tensor | None,
+        batch_shape: tuple[int, ...],
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Group g = output dims ``[g*gs, (g+1)*gs)``: a contiguous view of B, one batched matmul."""
+        g = self.num_groups
+        d_out, n_tok = lora_B.shape[0], z.shape[0]
+        er = lora_B.shape[1] * lora_B.shape[2]
+        b = lora_B.view(g, d_out // g, er)
+        y = torch.bmm(z.view(n_tok, g, er).transpose(0, 1), b.transpose(1, 2)).transpose(0, 1)
+        if base is not None:  # (N, G, gs) view: the sum is the single (N, d_out) copy it needs
+            return (base.reshape(n_tok, g, -1) + y.to(out_dtype)).reshape(base.shape)
+        return y.reshape(*batch_shape, d_out).to(out_dtype)
