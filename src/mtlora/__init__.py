@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from mtlora._version import __version__
+
 __all__ = ["MtLoraConfig", "MtLoraModel", "get_mtlora_model", "__version__"]
 
 _LAZY = {"MtLoraConfig": "mtlora.config", "MtLoraModel": "mtlora.model", "get_mtlora_model": "mtlora.model"}

@@ -36,8 +36,33 @@ from typing import Any
 from peft.config import PeftConfig
 
 from mtlora.errors import ConfigError
+from mtlora.routing import Router, router_class
 
-METHODS = ("lora", "hydralora", "mmoelora", "mtlora", "adalora")
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method is, as data: the one place that maps method names to routers and rules.
+
+    ``router``: the :data:`mtlora.routing.REGISTRY` key of its router; ``experts_field``: the config field that
+    holds its number of experts (None: one expert, ``lora_nums`` is forced to 1); ``baseline``: the mtLoRA
+    designs (``_MTLORA_ONLY``) are refused; ``peft_native``: trained and saved by peft itself (AdaLoRA), not an
+    :class:`~mtlora.model.MtLoraModel`, so it has no mtlora experts or router.
+    """
+
+    router: str
+    experts_field: str | None
+    baseline: bool
+    peft_native: bool = False
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "lora": MethodSpec(router="none", experts_field=None, baseline=True),
+    "hydralora": MethodSpec(router="token", experts_field="lora_nums", baseline=True),
+    "mmoelora": MethodSpec(router="task", experts_field="expert_num", baseline=True),
+    "mtlora": MethodSpec(router="token", experts_field="lora_nums", baseline=False),
+    "adalora": MethodSpec(router="none", experts_field=None, baseline=True, peft_native=True),
+}
+METHODS = tuple(METHOD_SPECS)
 #: Method names accepted on the command line and stored under another name (see the module docstring).
 METHOD_ALIASES = {"mmoeloras": "mmoelora"}
 BLOCK_TYPES = ("attention", "ffn", "both")
@@ -192,7 +217,8 @@ class MtLoraConfig(PeftConfig):
             self.modules_to_save = [t.strip() for t in self.modules_to_save.split(",") if t.strip()] or None
         if self.method == "mmoeloras":  # the released variant = mmoelora + the general task id
             self.method, self.mmoelora_general_task = "mmoelora", True
-        if self.method in ("lora", "adalora"):
+        spec = METHOD_SPECS.get(self.method)  # an unknown method is reported by validate()
+        if spec is not None and spec.experts_field is None:
             self.lora_nums = 1
         if (
             self.enable_spectral_reg
@@ -259,31 +285,18 @@ class MtLoraConfig(PeftConfig):
             bad("router_top_k", f"must be in [1, {self.num_experts}] (number of experts)")
         if self.adapter_dtype not in ("float32", "bfloat16", "float16"):
             bad("adapter_dtype", "must be float32, bfloat16 or float16")
-        if self.method in ("lora", "hydralora", "mmoelora", "adalora"):
+        spec = self.method_spec
+        if spec.baseline:
             for name in _MTLORA_ONLY:
                 if getattr(self, name):
                     bad(
                         name, f"is an mtLoRA design; method={self.method} is a baseline (use --method mtlora)"
                     )
-        if self.method == "mmoelora":
-            if self.lora_rank % self.expert_num != 0:
-                bad(
-                    "lora_rank",
-                    f"mmoelora splits the rank across experts: must be divisible by expert_num={self.expert_num}",
-                )
-            if self.task_num is not None and self.task_num < 1:
-                bad("task_num", "must be >= 1")
-            if self.enable_blc:
-                bad(
-                    "enable_blc",
-                    "mmoelora has a task gate, not a token router; the balance loss does not apply",
-                )
-        if self.mmoelora_general_task and self.method != "mmoelora":
-            bad("mmoelora_general_task", f"applies to method mmoelora only, not {self.method}")
-        if self.method == "adalora":
+        self.router_class.validate_config(self, bad)  # e.g. the task gate's rank split, no balance loss
+        if spec.peft_native:
             for name in ("enable_blc", "router_top_k"):
                 if getattr(self, name):
-                    bad(name, "adalora has no experts or router")
+                    bad(name, f"{self.method} has no experts or router")
         if self.enable_block_adapter and self.target_modules:
             bad(
                 "target_modules",
@@ -296,17 +309,23 @@ class MtLoraConfig(PeftConfig):
 
     # ------------------------------------------------------------------ derived properties
     @property
+    def method_spec(self) -> MethodSpec:
+        return METHOD_SPECS[self.method]
+
+    @property
     def num_experts(self) -> int:
-        if self.method == "mmoelora":
-            return self.expert_num
-        return 1 if self.method in ("lora", "adalora") else self.lora_nums
+        field_name = self.method_spec.experts_field
+        return 1 if field_name is None else int(getattr(self, field_name))
+
+    @property
+    def router_class(self) -> type[Router]:
+        """The router class every adapter of this config gets (:func:`mtlora.routing.router_class`)."""
+        return router_class(self)
 
     @property
     def router_kind(self) -> str:
-        """``none`` | ``token`` (scalar or fine-grained) | ``task`` (mmoelora)."""
-        if self.method == "mmoelora":
-            return "task"
-        return "token" if self.num_experts > 1 else "none"
+        """``none`` | ``token`` (scalar or fine-grained) | ``task`` (mmoelora): the router's registry key."""
+        return self.router_class.kind
 
     @property
     def scaling(self) -> float:

@@ -429,12 +429,13 @@ def evaluate_model(
 ) -> tuple[list[str], float]:
     """Load base (+ adapter), generate answers for ``records``; returns (answers, seconds)."""
     from mtlora.hub import load_model
+    from mtlora.model import needs_task_ids
 
     t0 = time.time()
     # LoRAHub's composed adapter is a plain peft LoRA; every other method's is an mtlora adapter
     loaded = load_model(base_path, adapter_dir, device=ns.device, trust_remote_code=_trust(ns))
     model, tokenizer = loaded.model, loaded.tokenizer
-    task_map = loaded.task_map if loaded.method == "mmoelora" else None
+    task_map = loaded.task_map if needs_task_ids(loaded.model) else None
     answers = generate_answers(
         model,
         tokenizer,

@@ -35,19 +35,16 @@ keeps one model in memory instead of one per artefact.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import math
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtlora.atomic import atomic_dir
@@ -62,6 +59,7 @@ from mtlora.deploy import (
     artifact,
     export_base,
 )
+from mtlora.dtypes import model_device
 from mtlora.errors import CheckpointError, MtLoraError
 from mtlora.hub import (
     default_device,
@@ -73,6 +71,7 @@ from mtlora.hub import (
 from mtlora.outputs import add_safety_flags, check_output_dir
 from mtlora.quant import add_quantization_arguments, is_quantized_linear
 from mtlora.quant import from_args as quantization_from_args
+from mtlora.routing.static import static_routing, static_up_projection
 
 if TYPE_CHECKING:
     from mtlora.layers import MultiExpertLoRA
@@ -124,39 +123,7 @@ BLOCK_NOT_PEFT = (
 
 
 # ============================================================================ static routing math
-def _probs_per_dim(adapter: MultiExpertLoRA, probs: torch.Tensor) -> torch.Tensor:
-    """Static routing ``(G, E)`` expanded to one weight per output dim and expert ``(d_out, E)`` (fp32)."""
-    g, e = adapter.num_groups, adapter.num_experts
-    if tuple(probs.shape) != (g, e):
-        raise MtLoraError(
-            f"{adapter.name}: static routing has shape {tuple(probs.shape)}, the adapter needs ({g}, {e}) "
-            "(groups, experts)"
-        )
-    return probs.float().repeat_interleave(adapter.out_features // g, dim=0)
-
-
-def static_up_projection(adapter: MultiExpertLoRA, probs: torch.Tensor | None) -> torch.Tensor:
-    """``Σ_e diag(π̄_e) B_e`` as one ``(d_out, r)`` matrix in fp32 (``probs`` is ``(G, E)``; None: no router).
-
-    For a token router output dim j of group g gets weight ``probs[g, e]`` on expert e; for MMoELoRA's task
-    gate (``probs`` ``(1, E)``) expert e scales its rank slice of B's columns.
-    """
-    b = adapter.lora_B.detach().float()  # (d_out, E_b, r)
-    if adapter.expert_scales is not None:  # adaptformer: expert e's up-projection is s_e B_e
-        b = b * adapter.expert_scales.detach().float().to(b.device)[None, :, None]
-    if adapter.router_kind == "none":
-        return b[:, 0, :].clone()
-    if probs is None:
-        raise MtLoraError(f"{adapter.name}: a routed adapter needs static routing weights to export")
-    if adapter.router_kind == "task":
-        if tuple(probs.shape) != (1, adapter.num_experts):
-            raise MtLoraError(
-                f"{adapter.name}: task gate has shape {tuple(probs.shape)}, expected (1, {adapter.num_experts})"
-            )
-        gate = probs[0].float().to(b.device).repeat_interleave(adapter.rank // adapter.num_experts)
-        return b[:, 0, :] * gate[None, :]
-    w = _probs_per_dim(adapter, probs.to(b.device))  # (d_out, E)
-    return torch.einsum("je,jer->jr", w, b)
+# static_up_projection and static_routing live with the routers (mtlora.routing.static) and are re-exported.
 
 
 def static_delta_weight(adapter: MultiExpertLoRA, probs: torch.Tensor | None) -> torch.Tensor:
@@ -167,79 +134,13 @@ def static_delta_weight(adapter: MultiExpertLoRA, probs: torch.Tensor | None) ->
 
 
 def task_gate_routing(model: MtLoraModel, task_id: int) -> dict[str, torch.Tensor]:
-    """MMoELoRA's exact per-task routing: each task-gated adapter's gate for ``task_id`` as ``(1, E)``."""
+    """The exact per-task routing of routers that have one (MMoELoRA's task gate): ``(1, E)`` per adapter."""
     out: dict[str, torch.Tensor] = {}
     for name, adapter in model.named_adapters():
-        if adapter.router_kind != "task":
-            continue
-        ids = torch.tensor([int(task_id)], device=adapter.lora_A.device)
-        with torch.no_grad():
-            out[name] = adapter.router(ids, 1, 1)[0].float().cpu()  # type: ignore[misc]  # (1, E)
+        probs = adapter.router.static_for_task(task_id)
+        if probs is not None:
+            out[name] = probs
     return out
-
-
-def _collapsed_forward(
-    adapter: MultiExpertLoRA, b_static: torch.Tensor, x: torch.Tensor, base: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``scaling · B_t act(A x)``: the adapter's own forward with the experts collapsed to ``B_t``.
-
-    Same operations in the same order as peft's LoRA layer (``lora_B(lora_A(x)) * scaling``, added to the
-    base output) and as :func:`load_block_export`, so the static model and the exported artefact agree
-    to rounding at worst (bit for bit in the CPU tests), unlike the fused expert sum.
-    """
-    out_dtype = x.dtype
-    batch_shape = tuple(x.shape[:-1])
-    x2 = x.reshape(-1, adapter.in_features)
-    if not torch.is_autocast_enabled(x.device.type):
-        x2 = x2.to(adapter.lora_A.dtype)
-    h = F.linear(adapter.dropout(x2), adapter.lora_A)
-    if adapter.has_relu:
-        h = F.relu(h)
-    y = F.linear(h, b_static) * adapter.scaling
-    y = y.reshape(*batch_shape, adapter.out_features).to(out_dtype if base is None else base.dtype)
-    return y if base is None else base + y
-
-
-@contextlib.contextmanager
-def static_routing(
-    model: MtLoraModel, routing: Mapping[str, torch.Tensor], *, collapse: bool = True
-) -> Iterator[None]:
-    """Run ``model`` with every router frozen to fixed weights (``routing[name]``: ``(G, E)``).
-
-    This is mtlora's static-routing forward, in one of two equivalent forms:
-
-    * ``collapse=True`` (default): each routed adapter computes ``scaling · B_t A x`` with the collapsed
-      up-projection ``B_t = Σ_e diag(π̄_e) B_e`` (snapshot at entry), i.e. exactly what the export ships;
-    * ``collapse=False``: the fused multi-expert forward runs unchanged with the router's output replaced
-      by the fixed weights (``MultiExpertLoRA.fixed_routing``) - an independent computation of the same
-      function (differs by float rounding).
-
-    Either way only instance attributes of the adapters are set (restored on exit); no class changes.
-    """
-    swapped: list[nn.Module] = []
-    try:
-        for name, adapter in model.named_adapters():
-            if adapter.router_kind == "none":
-                continue
-            if name not in routing:
-                raise MtLoraError(f"{name}: no static routing weights given for this adapter")
-            probs = routing[name].to(device=adapter.lora_A.device, dtype=torch.float32)
-            if tuple(probs.shape) != (adapter.num_groups, adapter.num_experts):
-                raise MtLoraError(
-                    f"{name}: static routing has shape {tuple(probs.shape)}, expected "
-                    f"({adapter.num_groups}, {adapter.num_experts})"
-                )
-            if collapse:
-                b_static = static_up_projection(adapter, probs).to(adapter.lora_B.dtype)
-                adapter.__dict__["forward"] = functools.partial(_collapsed_forward, adapter, b_static)
-            else:
-                adapter.fixed_routing = probs
-            swapped.append(adapter)
-        yield
-    finally:
-        for adapter in swapped:
-            adapter.__dict__.pop("forward", None)
-            adapter.fixed_routing = None
 
 
 # ============================================================================ calibration
@@ -283,10 +184,7 @@ def _pad_id(tokenizer: Any) -> int:
     return resolve_pad_token_id(tokenizer)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+_model_device = model_device  # the old private name (lorahub imports it)
 
 
 def estimate_task_routing(
@@ -305,7 +203,7 @@ def estimate_task_routing(
     the adapter's own input (the router is deterministic and sees no dropout) and accumulates it weighted
     by the attention mask, so padding never enters the mean.
     """
-    routed = [(n, a) for n, a in model.named_adapters() if a.router_kind == "token"]
+    routed = [(n, a) for n, a in model.named_adapters() if a.router.needs_calibration]
     if not routed:
         return TaskRouting(probs={}, source="none")
     encoded = _encode(records, tokenizer, max_seq_length, template)
@@ -532,7 +430,8 @@ def export_peft_lora(
 
 
 def convert_lora_to_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """File-only conversion of an mtlora ``method=lora`` component adapter to a plain peft LoRA.
+    """File-only conversion of a single-expert mtlora component adapter (``method=lora``, or any method with
+    one expert, i.e. no router) to a plain peft LoRA.
 
     No model is loaded: with one expert and no router, ``lora_B`` ``(d_out, 1, r)`` is already peft's
     ``(d_out, r)``. Used by LoRAHub to turn freshly trained per-task LoRAs into its inputs.
@@ -543,7 +442,7 @@ def convert_lora_to_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
 
     adapter_dir = Path(adapter_dir)
     cfg = MtLoraConfig.from_json_file(adapter_dir / CONFIG_NAME)
-    if cfg.method != "lora" or cfg.enable_block_adapter:
+    if cfg.router_class.is_routed or cfg.enable_block_adapter:  # not one plain LoRA per linear
         raise MtLoraError(
             f"{adapter_dir}: method={cfg.method} (block={cfg.enable_block_adapter}) has routing or block "
             "adapters; use export_adapter / `mtlora export` instead of a file conversion"
@@ -910,27 +809,31 @@ def export_adapter(
         task_map = build_task_map(calib_records + eval_records)
     else:
         task_map = {}
-    kinds = {a.router_kind for a in model.adapters()}
-    if "task" in kinds and not task_map:
+    # what the routers can do decides how each task's routing is found (never their kind names)
+    routers = [a.router for a in model.adapters()]
+    by_task_id = any(r.needs_task_ids for r in routers)  # exact per-task routing from the task id
+    calibrated = any(r.needs_calibration for r in routers)  # per-task routing estimated on data
+    kinds = {r.kind for r in routers}  # for the report only
+    if by_task_id and not task_map:
         raise MtLoraError(f"{adapter_dir}: an mmoelora adapter needs task_map.json to know its tasks")
-    if "token" in kinds and not calib_records:
+    if calibrated and not calib_records:
         raise MtLoraError(
             "--calibration_data is required: a token router's per-task weights are estimated on data"
         )
 
     calib_by_task = _by_task(calib_records)
     eval_by_task = _by_task(eval_records)
-    if "task" in kinds:
+    if by_task_id:
         wanted = list(task_map)
     else:
-        found = set(calib_by_task) if "token" in kinds else set(calib_by_task) | set(eval_by_task)
+        found = set(calib_by_task) if calibrated else set(calib_by_task) | set(eval_by_task)
         wanted = sorted(found, key=lambda t: (task_map.get(t, 1 << 30), t))
     if tasks:
         missing = [t for t in tasks if t not in wanted]
         if missing:
             raise MtLoraError(f"--tasks {missing}: not among the tasks found ({wanted})")
         wanted = list(tasks)
-    if "task" in kinds:
+    if by_task_id:
         unknown = sorted(set(calib_by_task) - set(task_map))
         if unknown:
             raise MtLoraError(f"calibration tasks {unknown} are not in the adapter's task_map.json")
@@ -941,7 +844,7 @@ def export_adapter(
         recs = calib_by_task.get(t, [])
         if eval_records:
             cal, ev = list(recs), list(eval_by_task.get(t, []))
-        elif "token" in kinds:
+        elif calibrated:
             cal, ev = _split_held_out(recs, eval_fraction)
         else:  # no calibration needed: every record of the task can serve the report
             cal, ev = [], list(recs)
@@ -971,7 +874,7 @@ def export_adapter(
         "calibration_data": str(calibration_data) if calibration_data else None,
         "eval_data": str(eval_data)
         if eval_data
-        else ("held-out calibration records" if "token" in kinds else None),
+        else ("held-out calibration records" if calibrated else None),
         "settings": {
             "max_calibration_per_task": max_calibration_per_task,
             "max_eval_per_task": max_eval_per_task,
@@ -985,7 +888,7 @@ def export_adapter(
         "tasks": {},
     }
     taken: set[str] = set()
-    single = kinds == {"none"}
+    single = bool(routers) and not any(r.is_routed for r in routers)
     default_dir: str | None = None
     if single:  # one export serves every task
         default_dir = _safe_dir_name(DEFAULT_EXPORT, taken)
@@ -996,9 +899,9 @@ def export_adapter(
     )
     for t in wanted:
         cal, ev = splits[t]
-        if "task" in kinds:
+        if by_task_id:
             routing = TaskRouting(probs=task_gate_routing(model, task_map[t]), source="task_gate")
-        elif "token" in kinds:
+        elif calibrated:
             skipped = None
             if not cal:
                 skipped = "no calibration records left after holding out the evaluation records"
@@ -1040,7 +943,7 @@ def export_adapter(
             "eval_sha256": records_fingerprint(ev) if ev else None,
         }
         if evaluate and ev:
-            fkw = {"task_ids": task_map[t]} if "task" in kinds else {}
+            fkw = {"task_ids": task_map[t]} if by_task_id else {}
             routed = evaluate_records(model, tokenizer, ev, forward_kwargs=fkw, **eval_kw)
             if single:
                 exported = routed  # identical by construction: there is no router to freeze

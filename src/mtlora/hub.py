@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlora.atomic import recover_interrupted
+from mtlora.dtypes import DTYPES, default_device, default_dtype, torch_dtype  # noqa: F401  (re-exported)
 from mtlora.errors import CheckpointError, MtLoraError, refused_pickle_detail
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
 
 ADAPTER_CONFIG = "adapter_config.json"
 TASK_MAP = "task_map.json"
-DTYPES = ("float32", "bfloat16", "float16")
 
 PREFIX = "mtlora:"
 _ASSETS = Path(__file__).resolve().parent / "assets" / "models"
@@ -92,29 +92,6 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], **kwargs: Any):
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: str) -> str:
-    """fp32 on CPU (bf16 matmuls are 10-30x slower there), bf16 on accelerators (the paper's choice)."""
-    return "float32" if device == "cpu" else "bfloat16"
-
-
-def torch_dtype(name: str, flag: str = "--dtype") -> Any:
-    """``float32`` / ``bfloat16`` / ``float16`` (or fp32 / bf16 / fp16) as a torch dtype; else an error naming
-    ``flag`` (the option or config field the name came from)."""
-    import torch
-
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    name = aliases.get(name, name)
-    if name not in DTYPES:
-        raise MtLoraError(f"{flag} {name!r}: use float32, bfloat16 or float16")
-    return getattr(torch, name)
-
-
 def resolve_adapter_dir(adapter: str | os.PathLike[str]) -> Path:
     """The folder holding ``adapter_config.json``: the path itself, or the ``sft_lora_model`` folder that
     ``mtlora train`` writes inside its output directory (so either can be passed)."""

@@ -32,8 +32,6 @@ default); activations are cast to it unless autocast is active, and the output i
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,38 +39,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlora.errors import MtLoraError
-from mtlora.routing import TaskRouter, TokenRouter
+from mtlora.routing import Router, RoutingState, StaticRouting, cv_squared, make_router
 
+__all__ = ["STYLES", "MultiExpertLoRA", "RoutingState", "cv_squared"]
 
-@dataclass
-class RoutingState:
-    """Per-model mutable state shared by all adapter modules of one wrapped model.
-
-    The wrapper (:class:`mtlora.model.MtLoraModel`) sets it at the start of each forward/generate call, which
-    is how task ids and the attention mask reach every adapted module without changing any library
-    signature. The values stay until the next call so that a checkpointed layer recomputed during backward
-    sees exactly what its original forward saw. ``collect_balance`` is a static switch (``enable_blc``).
-    """
-
-    enabled: bool = True
-    task_ids: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
-    collect_balance: bool = False
-    collect_stats: bool = False
-    balance_terms: list[torch.Tensor] = field(default_factory=list)
-    stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-
-def cv_squared(p: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """Squared coefficient of variation ``Var_unbiased(p) / (mean(p)^2 + eps)``, in fp32 (0 for one element)."""
-    p = p.float()
-    if p.numel() <= 1:
-        return p.new_zeros(())
-    return p.var() / (p.mean() ** 2 + eps)
+STYLES = ("lowrank", "bottleneck", "adaptformer")
 
 
 class MultiExpertLoRA(nn.Module):
-    """Additive multi-expert low-rank path ``Delta(x)`` (see the module docstring for the math)."""
+    """Additive multi-expert low-rank path ``Delta(x)`` (see the module docstring for the math).
+
+    The router (:mod:`mtlora.routing`) is a collaborator, not a branch: it owns ``lora_B``'s layout, A's
+    initialisation, the routing weights, how they mix ``h`` and how ``z`` is up-projected. ``router`` is a
+    :class:`~mtlora.routing.Router` or a kind name (``none`` | ``token`` | ``task``) built from the keyword
+    arguments here. It is always the child module ``router`` (with no parameters for one expert), so the
+    saved keys are ``...mtlora.lora_A``, ``...mtlora.lora_B`` and ``...mtlora.router.<its parameters>``.
+    """
 
     def __init__(
         self,
@@ -83,7 +65,7 @@ class MultiExpertLoRA(nn.Module):
         *,
         scaling: float = 1.0,
         dropout: float = 0.0,
-        router: str = "token",
+        router: str | Router = "token",
         num_groups: int = 1,
         top_k: int | None = None,
         style: str = "lowrank",
@@ -98,19 +80,31 @@ class MultiExpertLoRA(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if router not in ("none", "token", "task"):
-            raise MtLoraError(f"unknown router kind {router!r}")
-        if router == "none" and num_experts != 1:
-            raise MtLoraError("router='none' needs exactly one expert")
-        if router == "token" and num_experts == 1:
-            router = "none"
+        if isinstance(router, str):  # built first: its init draws from the RNG before A's, as it always has
+            router = make_router(
+                router,
+                in_features=in_features,
+                out_features=out_features,
+                rank=rank,
+                num_experts=num_experts,
+                num_groups=num_groups,
+                top_k=top_k,
+                task_num=task_num,
+                task_embedding_dim=task_embedding_dim,
+                general_task=general_task,
+                name=name,
+                device=device,
+                dtype=dtype,
+            )
+        elif router.num_experts != num_experts:
+            raise MtLoraError(
+                f"{name}: the router has {router.num_experts} experts, the adapter {num_experts}"
+            )
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.num_experts = num_experts
-        self.router_kind = router
-        self.num_groups = num_groups if router == "token" else 1
-        if style not in ("lowrank", "bottleneck", "adaptformer"):
+        if style not in STYLES:
             raise MtLoraError(f"unknown adapter style {style!r} (lowrank, bottleneck or adaptformer)")
-        if style == "adaptformer" and router == "task":
+        if style == "adaptformer" and not router.supports_expert_scales:
             raise MtLoraError("the adaptformer style has token-routed or single experts, not a task gate")
         # AdaptFormer has no alpha/r: its learnable expert_scales play that role (released code, spec 5.3).
         self.scaling = 1.0 if style == "adaptformer" else float(scaling)
@@ -118,31 +112,11 @@ class MultiExpertLoRA(nn.Module):
         self.name = name
         self.state = state if state is not None else RoutingState()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Rank-split experts (MMoELoRA) keep one B column block per expert; otherwise each expert has r columns.
-        b_experts, b_rank = (1, rank) if router == "task" else (num_experts, rank)
-        if router == "task" and rank % num_experts != 0:
-            raise MtLoraError(f"mmoelora rank {rank} is not divisible by {num_experts} experts")
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, b_experts, b_rank, device=device, dtype=dtype))
-        self.router: nn.Module | None
-        if router == "token":
-            self.router = TokenRouter(
-                in_features, num_experts, self.num_groups, top_k, device=device, dtype=dtype
-            )
-        elif router == "task":
-            if not task_num:
-                raise MtLoraError("mmoelora needs task_num (number of tasks) to build the task gate")
-            self.router = TaskRouter(
-                task_num,
-                num_experts,
-                task_embedding_dim,
-                top_k,
-                general_task=general_task,
-                device=device,
-                dtype=dtype,
-            )
-        else:
-            self.router = None
+        self.lora_B = nn.Parameter(
+            torch.empty(router.b_shape(out_features, rank), device=device, dtype=dtype)
+        )
+        self.router: Router = router
         self.bottleneck_init = bottleneck_init
         self.adaptformer_init_scale = float(adaptformer_init_scale)
         # One learnable scalar per expert (adaptformer style only); None for the other styles, so their
@@ -150,21 +124,16 @@ class MultiExpertLoRA(nn.Module):
         self.expert_scales: nn.Parameter | None = None
         if style == "adaptformer":
             self.expert_scales = nn.Parameter(torch.empty(num_experts, device=device, dtype=dtype))
-        # Fixed (G, E) routing weights that replace the router's output when set (static-routing evaluation
-        # and export, see mtlora.export.static_routing); None = route with the router.
-        self.fixed_routing: torch.Tensor | None = None
+        # Fixed routing that stands in for the router while set (static-routing evaluation and export, see
+        # mtlora.routing.static); a plain object, never part of the state dict. None = route with the router.
+        self._override: StaticRouting | None = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
         if self.lora_A.device.type == "meta":
             return
-        if self.router_kind == "task":  # MMoELoRA: A ~ N(0, 0.01^2), B = 0
-            nn.init.normal_(self.lora_A, std=0.01)
-        elif self.has_relu:
-            nn.init.kaiming_uniform_(self.lora_A, nonlinearity="relu")
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.router.init_lora_A(self.lora_A, self.has_relu)
         if self.style == "bottleneck" and self.bottleneck_init == "paper":
             nn.init.normal_(self.lora_B, std=0.02)
         else:
@@ -173,52 +142,32 @@ class MultiExpertLoRA(nn.Module):
             nn.init.constant_(self.expert_scales, self.adaptformer_init_scale)
 
     # ------------------------------------------------------------------ routing
-    def routing_probs(self, x2: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
+    @property
+    def router_kind(self) -> str:
+        """The router's kind (``none`` | ``token`` | ``task``), as in ``config_signature()``."""
+        return self.router.kind
+
+    @property
+    def num_groups(self) -> int:
+        return self.router.num_groups
+
+    @property
+    def fixed_routing(self) -> torch.Tensor | None:
+        """Fixed ``(G, E)`` routing weights used instead of the router's output (None: route normally)."""
+        o = self._override
+        return o.probs if o is not None and not o.replaces_forward else None
+
+    @fixed_routing.setter
+    def fixed_routing(self, probs: torch.Tensor | None) -> None:
+        self._override = None if probs is None else StaticRouting(self.router, probs)
+
+    def routing_probs(self, x2: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor | None:
         """fp32 routing probabilities ``(N, G, E)`` for flattened inputs ``x2`` of shape ``(N, d_in)``."""
-        if self.fixed_routing is not None:
-            return self.fixed_routing.float().unsqueeze(0).expand(x2.shape[0], *self.fixed_routing.shape)
-        if self.router_kind == "token":
-            assert isinstance(self.router, TokenRouter)
-            return self.router(x2)
-        assert isinstance(self.router, TaskRouter)
-        task_ids = self.state.task_ids
-        if task_ids is None and not self.router.general_task:
-            raise MtLoraError(
-                f"{self.name or 'mmoelora adapter'}: this adapter routes by task id; pass task_ids=<LongTensor (batch,)> "
-                "to the model's forward()/generate()"
-            )
-        batch = batch_shape[0] if batch_shape else 1
-        tokens = x2.shape[0] // max(batch, 1)
-        return self.router(task_ids, batch, tokens)
+        router = self.router if self._override is None else self._override
+        return router(x2, self.state, batch_shape)
 
-    def _record(self, probs: torch.Tensor, batch_shape: tuple[int, ...]) -> None:
-        """Append this layer's balance term (training only) and, if asked, detached routing statistics.
-
-        What is computed depends only on static flags, the module's mode and the routing state, never on
-        whether we are inside a checkpoint recomputation: non-reentrant checkpointing requires the recomputed
-        forward to save exactly the same tensors as the original one.
-        """
-        st = self.state
-        if self.router_kind != "token":
-            return
-        if st.collect_balance and self.training:
-            st.balance_terms.append(cv_squared(self._mean_probs(probs, batch_shape)))
-        if st.collect_stats:  # toggled per call: must save nothing for backward (see above)
-            with torch.no_grad():
-                ent = -(probs * probs.clamp_min(1e-10).log()).sum(-1).mean()
-                st.stats[self.name] = {"mean_probs": self._mean_probs(probs, batch_shape), "entropy": ent}
-
-    def _mean_probs(self, probs: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
-        """Mean routing distribution over tokens (real tokens only if a matching mask is set) and groups."""
-        p = probs.mean(dim=1)  # (N, E): average over groups, as the paper does
-        mask = self.state.attention_mask
-        if mask is not None and tuple(mask.shape) == tuple(batch_shape):
-            w = mask.reshape(-1, 1).to(p.dtype)
-            return (p * w).sum(0) / w.sum().clamp_min(1.0)
-        return p.mean(0)
-
-    def _router_shares_gemm(self, x2: torch.Tensor) -> bool:
-        """Whether the token router's logits can come out of A's GEMM (one ``[A; W_router]`` matmul).
+    def _shared_router_weight(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """The router rows to stack under A for one ``[A; W_router]`` GEMM, or None when that is not exact.
 
         Both read the same ``x2`` (N, d_in): one GEMM reads it once instead of twice and, in backward,
         produces ``dL/dx`` from one GEMM instead of two summed ones (about 10% of the layer's time at
@@ -230,18 +179,24 @@ class MultiExpertLoRA(nn.Module):
         device-map/offload hooks replace ``module.forward``) does the same.
         """
         router = self.router
-        return (
-            self.router_kind == "token"
-            and self.fixed_routing is None
+        w = router.fused_weight()
+        if (
+            w is not None
+            and self._override is None
             and not (self.training and isinstance(self.dropout, nn.Dropout))
             and x2.dtype == torch.float32
             and self.lora_A.dtype == torch.float32
             and not torch.is_autocast_enabled(x2.device.type)
-            and isinstance(router, TokenRouter)
-            and router.weight.dtype == torch.float32
+            and w.dtype == torch.float32
             and not (router._forward_hooks or router._forward_pre_hooks or "forward" in vars(router))
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-        )
+        ):
+            return w
+        return None
+
+    def _router_shares_gemm(self, x2: torch.Tensor) -> bool:
+        """Whether the router's logits come out of A's GEMM (see :meth:`_shared_router_weight`)."""
+        return self._shared_router_weight(x2) is not None
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,16 +205,19 @@ class MultiExpertLoRA(nn.Module):
         With ``base`` the last GEMM accumulates into it (``addmm``) instead of materialising ``Delta`` and then
         the sum: one (N, d_out) tensor and one pass over it fewer per adapted module and call.
         """
+        override = self._override
+        if override is not None and override.replaces_forward:  # collapsed static export form
+            return override.layer_forward(self, x, base)
+        router = self.router if override is None else override
         out_dtype = x.dtype if base is None else base.dtype
         batch_shape = tuple(x.shape[:-1])
         x2 = x.reshape(-1, self.in_features)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if not autocast:
+        if not torch.is_autocast_enabled(x.device.type):
             x2 = x2.to(self.lora_A.dtype)
         probs: torch.Tensor | None = None
-        if self._router_shares_gemm(x2):  # [A; W_router] x: A and the router logits in one GEMM
-            assert isinstance(self.router, TokenRouter)
-            hl = F.linear(x2, torch.cat([self.lora_A, self.router.weight]))
+        w_router = self._shared_router_weight(x2)
+        if w_router is not None:  # [A; W_router] x: A and the router logits in one GEMM
+            hl = F.linear(x2, torch.cat([self.lora_A, w_router]))
             h, probs = hl[:, : self.rank], self.router.probs_from_logits(hl[:, self.rank :])
         else:
             h = F.linear(self.dropout(x2), self.lora_A)  # (N, r) - A once for all experts
@@ -267,35 +225,11 @@ class MultiExpertLoRA(nn.Module):
             h = F.relu(h)
         if self.scaling != 1.0:
             h = h * self.scaling  # scale the (N, r) activations, not the (N, d_out) output: d_out/r cheaper
-        d_out, n_tok = self.out_features, x2.shape[0]
-        z, w = h, self.lora_B.view(d_out, -1)  # y = z w^T; (d_out, r) unless token-routed (d_out, E*r)
-        if self.expert_scales is not None and self.router_kind == "none":
-            z = h * self.expert_scales.to(h.dtype)  # one expert: s_0 B_0 ReLU(A x)
-        if self.router_kind == "task":
-            gate = self.routing_probs(x2, batch_shape)[:, 0, :].to(h.dtype)  # (N, E)
-            z = h * gate.repeat_interleave(self.rank // self.num_experts, dim=-1)
-        elif self.router_kind == "token":
-            if probs is None:
-                probs = self.routing_probs(x2, batch_shape)  # (N, G, E) fp32
-            self._record(probs, batch_shape)
-            g, er = self.num_groups, self.num_experts * self.rank
-            # z = pi (x) h, (N, G*E*r), as a batched outer product: unlike a broadcast multiply, its backward
-            # (two small batched matmuls) never materialises (N, G, E, r) temporaries
-            ge = g * self.num_experts
-            mix = probs.to(h.dtype)
-            if self.expert_scales is not None:  # adaptformer: sum_e pi_e s_e B_e h, s_e folded into pi_e
-                mix = mix * self.expert_scales.to(h.dtype)
-            z = torch.bmm(mix.reshape(n_tok, ge, 1), h.unsqueeze(1)).view(n_tok, g * er)
-            if g > 1:  # group g = dims [g*gs, (g+1)*gs): a contiguous view of B, one batched matmul
-                b = self.lora_B.view(g, d_out // g, er)
-                y = torch.bmm(z.view(n_tok, g, er).transpose(0, 1), b.transpose(1, 2)).transpose(0, 1)
-                if base is not None:  # (N, G, gs) view: the sum is the single (N, d_out) copy it needs
-                    return (base.reshape(n_tok, g, -1) + y.to(out_dtype)).reshape(base.shape)
-                return y.reshape(*batch_shape, d_out).to(out_dtype)
-        if base is not None and base.dtype == z.dtype:  # (under autocast: one bf16 rounding instead of two)
-            return torch.addmm(base.reshape(n_tok, d_out), z, w.t()).view(base.shape)
-        y = F.linear(z, w).reshape(*batch_shape, d_out).to(out_dtype)
-        return y if base is None else base + y
+        if probs is None and router.is_routed:
+            probs = router(x2, self.state, batch_shape)  # (N, G, E) fp32
+        router.observe(probs, self.state, batch_shape, self.training, self.name)
+        z = router.mix(h, probs, self.expert_scales)
+        return router.up_project(z, self.lora_B, base, batch_shape, out_dtype)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -305,14 +239,11 @@ class MultiExpertLoRA(nn.Module):
 
     def expert_B(self, e: int) -> torch.Tensor:
         """Up-projection of expert ``e`` as a ``(d_out, r_e)`` view (for analysis, export, regularization)."""
-        if self.router_kind == "task":
-            rs = self.rank // self.num_experts
-            return self.lora_B[:, 0, e * rs : (e + 1) * rs]
-        return self.lora_B[:, e, :]
+        return self.router.experts_view(self.lora_B, self.num_experts)[:, e]
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B A`` for a single-expert low-rank adapter (merging)."""
-        if self.router_kind != "none" or self.style != "lowrank":
+        if self.router.is_routed or self.style != "lowrank":
             raise MtLoraError(
                 f"{self.name}: only a single-expert low-rank adapter has a static weight delta "
                 f"(router={self.router_kind}, style={self.style}); routed adapters cannot be merged"

@@ -133,8 +133,9 @@ def spectral_term_from_gram(gram: torch.Tensor, W: torch.Tensor) -> torch.Tensor
 def expert_grams(module: MultiExpertLoRA, experts: list[int]) -> torch.Tensor:
     """``B_eᵀ B_e`` for the given experts, ``(n, r, r)``. All experts: one contraction on ``lora_B`` in place,
     without materialising a stacked copy of the B's (128 MiB per LLaMA-7B layer)."""
-    if module.router_kind != "task" and experts == list(range(module.num_experts)):
-        return torch.einsum("oer,oes->ers", module.lora_B, module.lora_B)
+    if experts == list(range(module.num_experts)):
+        b = module.router.experts_view(module.lora_B, module.num_experts)  # (d_out, E, r_e), a view
+        return torch.einsum("oer,oes->ers", b, b)
     Bs = torch.stack([module.expert_B(e) for e in experts])
     return Bs.transpose(-1, -2) @ Bs
 

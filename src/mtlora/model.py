@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtlora import __version__
+from mtlora._version import __version__
 from mtlora.atomic import atomic_dir, recover_interrupted
 from mtlora.config import CONFIG_NAME, SAVED_PEFT_TYPE, WEIGHTS_NAME, MtLoraConfig
+from mtlora.dtypes import torch_dtype
 from mtlora.errors import CheckpointError, MtLoraError, PlacementError
-from mtlora.hub import torch_dtype
 from mtlora.layers import MultiExpertLoRA, RoutingState
 from mtlora.losses import balance_loss
 from mtlora.placement import (
@@ -45,7 +45,6 @@ from mtlora.placement import (
 )
 from mtlora.quant import RECORD_KEY as QUANT_RECORD_KEY
 from mtlora.quant import Quantization, quantization_of
-from mtlora.routing import num_groups_for
 from mtlora.saved_modules import SavedModules
 
 logger = logging.getLogger("mtlora")
@@ -67,11 +66,8 @@ def _build_adapter(
     block: bool,
 ) -> MultiExpertLoRA:
     rank = config.effective_rank if block else config.lora_rank
-    groups = 1
-    if config.router_kind == "token":
-        groups = num_groups_for(
-            d_out, config.routing_group_size, config.enable_fine_grained_routing, where=name
-        )
+    dtype = torch_dtype(config.adapter_dtype, "adapter_dtype")
+    router = config.router_class.from_config(config, d_in, d_out, rank, name=name, device=device, dtype=dtype)
     return MultiExpertLoRA(
         d_in,
         d_out,
@@ -79,19 +75,14 @@ def _build_adapter(
         config.num_experts,
         scaling=float(config.lora_alpha) / rank,
         dropout=float(config.lora_dropout),
-        router=config.router_kind,
-        num_groups=groups,
-        top_k=config.router_top_k,
+        router=router,
         style=config.block_adapter_style if block else "lowrank",
-        task_num=config.task_num,
-        task_embedding_dim=config.task_embedding_dim,
         bottleneck_init=config.bottleneck_init,
         adaptformer_init_scale=config.adaptformer_init_scale,
-        general_task=config.mmoelora_general_task,
         state=state,
         name=name,
         device=device,
-        dtype=torch_dtype(config.adapter_dtype, "adapter_dtype"),
+        dtype=dtype,
     )
 
 
@@ -144,7 +135,7 @@ class MtLoraModel(nn.Module):
                 f"the model already carries mtlora adapters (e.g. at {existing[0][0]}); "
                 "unload() the previous MtLoraModel first"
             )
-        if config.method == "adalora":
+        if config.method_spec.peft_native:
             raise MtLoraError(
                 "method adalora is peft's AdaLoRA, not an mtlora adapter: train it with `mtlora train --method "
                 "adalora` (mtlora.training.adalora) and load it with peft or mtlora.hub.load_model"
@@ -165,10 +156,6 @@ class MtLoraModel(nn.Module):
     # ------------------------------------------------------------------ construction
     def _inject(self) -> None:
         cfg, model = self.mtlora_config, self.base_model
-        if cfg.router_kind == "task" and not cfg.task_num:
-            raise MtLoraError(
-                "mmoelora needs task_num (the number of tasks); set it or let training infer it from the data"
-            )
         hosts: list[tuple[str, nn.Module, int, int, bool]] = []
         if cfg.enable_block_adapter:
             block_hosts = find_block_hosts(model, cfg.block_adapter_type)
@@ -216,6 +203,16 @@ class MtLoraModel(nn.Module):
         out = {n: p for n, p in self.base_model.state_dict(keep_vars=True).items() if marker in f".{n}"}
         out.update(self.saved_modules.state_dict())  # --modules_to_save: trained base modules
         return out
+
+    @property
+    def needs_task_ids(self) -> bool:
+        """Whether forward/generate need ``task_ids`` (a task-gated router, MMoELoRA)."""
+        return self.mtlora_config.router_class.needs_task_ids
+
+    @property
+    def has_balance_router(self) -> bool:
+        """Whether the routers route per token (balance loss and routing statistics apply)."""
+        return self.mtlora_config.router_class.has_balance
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; a 4-bit weight counts its weights, not its packed bytes."""
@@ -485,3 +482,8 @@ def get_mtlora_model(model: nn.Module, config: MtLoraConfig) -> MtLoraModel:
             "the model already has mtlora adapters with a different config; unload() it first"
         )
     return MtLoraModel(model, config)
+
+
+def needs_task_ids(model: Any) -> bool:
+    """Whether ``model`` (an :class:`MtLoraModel`, a peft model or a bare base) must be given ``task_ids``."""
+    return isinstance(model, MtLoraModel) and model.needs_task_ids

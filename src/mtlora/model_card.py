@@ -213,11 +213,15 @@ def describe_method(cfg: Mapping[str, Any]) -> list[tuple[str, Any]]:
     else:
         targets = cfg.get("target_modules") or "architecture default (q_proj, v_proj)"
         rows.append(("placement", f"component level: LoRA on {targets}"))
-    experts = cfg.get("expert_num") if method == "mmoelora" else cfg.get("lora_nums")
-    rows.append(("experts", 1 if method in ("lora", "adalora") else experts))
-    if method == "mmoelora":
+    from mtlora.config import METHOD_SPECS
+    from mtlora.routing import REGISTRY
+
+    spec = METHOD_SPECS[method]
+    rows.append(("experts", cfg.get(spec.experts_field) if spec.experts_field else 1))
+    router_cls = REGISTRY[spec.router]  # the method's router kind (capabilities, not names)
+    if router_cls.needs_task_ids:
         router = "task gate (task id)"
-    elif method in ("lora", "adalora"):
+    elif not router_cls.is_routed:
         router = "none"
     elif cfg.get("enable_fine_grained_routing"):
         router = (

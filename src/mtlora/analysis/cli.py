@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         )
         logger.info("%s: %d tasks, examples per task %s", label, data.num_tasks, data.num_examples())
         if "routing" in todo:
-            if any(a.router is not None for _, a in loaded.named_adapters(args.module)):
+            if any(a.router.is_routed for _, a in loaded.named_adapters(args.module)):
                 files = routing.run_routing(
                     loaded,
                     data,

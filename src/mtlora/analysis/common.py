@@ -160,7 +160,9 @@ class LoadedAdapter:
 
     @property
     def needs_task_ids(self) -> bool:
-        return self.method == "mmoelora"
+        from mtlora.model import needs_task_ids
+
+        return needs_task_ids(self.model)
 
     def named_adapters(self, module_filter: str | None = None) -> list[tuple[str, Any]]:
         return [(n, a) for n, a in self.model.named_adapters() if not module_filter or module_filter in n]

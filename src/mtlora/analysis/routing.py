@@ -91,7 +91,7 @@ def collect_routing(
     module_filter: str | None = None,
 ) -> RoutingStats:
     """Run the model over ``data`` and accumulate routing statistics of every routed adapter."""
-    routed = [(n, a) for n, a in loaded.named_adapters(module_filter) if a.router is not None]
+    routed = [(n, a) for n, a in loaded.named_adapters(module_filter) if a.router.is_routed]
     if not routed:
         raise MtLoraError(
             f"{loaded.adapter_dir}: adapter method {loaded.method!r} has no router "

@@ -38,6 +38,7 @@ from mtlora.analysis.common import (
     short_name,
     write_json,
 )
+from mtlora.config import MtLoraConfig
 from mtlora.errors import CheckpointError, MtLoraError
 
 BAND_FRACTIONS = (0.0, 0.2, 0.5, 1.0)
@@ -75,18 +76,12 @@ def experts_from_adapter_dir(adapter_dir: str | Path) -> dict[str, list[torch.Te
     if not path.is_file():
         raise CheckpointError(f"{adapter_dir}: no adapter_model.safetensors")
     tensors = load_file(str(path))
-    rank_split = cfg.get("method") == "mmoelora"
+    config = MtLoraConfig.from_dict(cfg, source=str(Path(adapter_dir) / "adapter_config.json"))
+    router = config.router_class  # knows its B layout (MMoELoRA: experts own column blocks of one B)
     experts: dict[str, list[torch.Tensor]] = {}
     for key in sorted(k for k in tensors if k.endswith(_B_SUFFIX)):
-        b = tensors[key].float()  # (d_out, E_b, r)
-        name = key[: -len(_B_SUFFIX)]
-        if rank_split:  # MMoELoRA: one B of rank r, expert e owns columns [e r/E, (e+1) r/E)
-            e = int(cfg.get("expert_num", 1))
-            flat = b[:, 0, :]
-            rs = flat.shape[1] // e
-            experts[name] = [flat[:, i * rs : (i + 1) * rs] for i in range(e)]
-        else:
-            experts[name] = [b[:, i, :] for i in range(b.shape[1])]
+        view = router.experts_view(tensors[key].float(), config.num_experts)  # (d_out, E, r_e)
+        experts[key[: -len(_B_SUFFIX)]] = [view[:, i] for i in range(view.shape[1])]
     if not experts:
         raise CheckpointError(f"{path}: no '*{_B_SUFFIX}' tensors (not an mtlora adapter)")
     return dict(sorted(experts.items(), key=lambda kv: _natural_key(kv[0])))

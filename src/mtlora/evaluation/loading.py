@@ -79,6 +79,7 @@ def load_model_for_eval(
       raises :class:`CheckpointError` with the offending key and shapes (one line at the CLI).
     """
     from mtlora.hub import load_model
+    from mtlora.model import needs_task_ids
 
     loaded = load_model(
         model_name_or_path,
@@ -89,7 +90,8 @@ def load_model_for_eval(
         trust_remote_code=trust_remote_code,
     )
     cfg = loaded.adapter_config or {}
-    general = loaded.method == "mmoelora" and bool(cfg.get("mmoelora_general_task"))
+    needs = needs_task_ids(loaded.model)  # a task-gated router (MMoELoRA)
+    general = needs and bool(cfg.get("mmoelora_general_task"))
     return LoadedModel(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
@@ -99,7 +101,7 @@ def load_model_for_eval(
         lora_checkpoint=str(loaded.adapter_dir) if loaded.adapter_dir is not None else None,
         adapter_method=loaded.method,
         task_map=loaded.task_map,
-        needs_task_ids=loaded.method == "mmoelora",
+        needs_task_ids=needs,
         forced_task_id=task_id,
         fallback_task_id=int(cfg["task_num"]) if general else 0,
     )

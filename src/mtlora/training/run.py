@@ -418,10 +418,7 @@ def train(
     train_ds, eval_ds, task_map, data_files = load_training_data(
         data_args, tokenizer, cache_root, task_map, evaluate=evaluate
     )
-    if adapter.method == "mmoelora" and adapter.task_num is None:
-        adapter.task_num = len(task_map)
-    if adapter.method == "mmoelora" and adapter.task_num < len(task_map):
-        raise ConfigError(f"--task_num {adapter.task_num}: the data has {len(task_map)} tasks")
+    adapter.router_class.prepare_config(adapter, task_map)  # the task gate's task_num comes from the data
     adapter.base_model_name_or_path = model_args.model_name_or_path
     trainer_cls: Any = MtLoraTrainer
     trainer_kwargs: dict[str, Any] = {"task_map": task_map}

@@ -106,10 +106,10 @@ class MtLoraTrainer(Trainer):
         inputs = dict(inputs)
         task_ids = inputs.pop("task_ids", None)
         inner = unwrap(model)
-        if inner.mtlora_config.router_kind == "task":
+        if inner.needs_task_ids:
             inputs["task_ids"] = task_ids
         log_now = model.training and self._is_logging_step()
-        if log_now and inner.mtlora_config.router_kind == "token":
+        if log_now and inner.has_balance_router:
             with inner.collect_routing_stats() as stats:
                 outputs = model(**inputs)
             self._record_routing(stats)
