@@ -410,8 +410,15 @@ def render_readme_benchmarks() -> str:
     sc = _bench("scaling")
     ns = sc["config"]["ns"]
     last = str(ns[-1])
-    means = {m: sc["summary"][m][last]["mean"] for m in sc["summary"]}
-    order = " > ".join(f"{m} {_pct(v)}%" for m, v in sorted(means.items(), key=lambda kv: -kv[1]))
+    at = {m: sc["summary"][m][last] for m in sc["summary"]}
+    seeds = len(sc["config"]["seeds"])
+    order = (
+        ", ".join(
+            f"{m} {_pct(v['mean'])} ± {_pct(v['std'])}%"
+            for m, v in sorted(at.items(), key=lambda kv: -kv[1]["mean"])
+        )
+        + f" (mean ± std over {seeds} seeds; differences under ~3 points are noise)"
+    )
     lines = [
         "| benchmark (`benchmarks/results/*.json`) | result |",
         "|---|---|",
