@@ -229,3 +229,26 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path
+
+
+def journal_read(path: Path) -> dict[str, dict[str, Any]]:
+    """The finished runs of a benchmark's journal (one JSON object per line, with a ``key``), by key.
+
+    A torn last line (the process was killed while writing it) is skipped: that run is simply redone.
+    """
+    done: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[entry["key"]] = entry
+    return done
+
+
+def journal_append(path: Path, entry: Mapping[str, Any]) -> None:
+    """Append one finished run (already JSON-safe) as one line: a crash loses at most that run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(dict(entry)) + "\n")

@@ -53,6 +53,7 @@ next to it (``<stem>_1A.png`` ...). The output ends with one line per panel,
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import shutil
@@ -60,6 +61,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_batch_size", type=int, default=128)
     p.add_argument("--num_threads", type=int, default=1, help="torch threads (1 is fastest here, see demo).")
     p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="Runs trained side by side, one process each (default: the CPU count, at most 4; quick 1). The "
+        "JSON does not depend on it; the full mode needs 2 to stay under 30 minutes on 2 cores.",
+    )
+    p.add_argument(
         "--cache_dir", default=None, help="Pre-trained base + work folder (default results/cache)."
     )
     p.add_argument("--out", default=None, help="JSON path (default results/mechanisms[_quick].json).")
@@ -205,6 +214,10 @@ def resolve(ns: argparse.Namespace) -> argparse.Namespace:
                 "entropy_examples", "eval_batch_size"):  # fmt: skip
         if getattr(ns, key) < 1:
             raise SystemExit(f"--{key} must be >= 1")
+    if ns.jobs is None:
+        ns.jobs = 1 if q else max(1, min(4, os.cpu_count() or 1))
+    if ns.jobs < 1:
+        raise SystemExit("--jobs must be >= 1")
     if ns.pretrain_steps < 1:
         raise SystemExit("--pretrain_steps must be >= 1 (the raw tiny base cannot learn the tasks)")
     ns.out = Path(ns.out) if ns.out else RESULTS / ("mechanisms_quick.json" if q else "mechanisms.json")
@@ -448,14 +461,109 @@ def vector_mean_std(rows: Sequence[Sequence[float] | None]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- running
-def run(ns: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunContext:
+    """What every run shares; plain data, so a ``--jobs`` worker process receives it whole."""
+
+    ns: argparse.Namespace
+    base_path: str
+    data_dir: str
+    work: str
+    common: dict[str, Any]
+    budget: int
+
+
+@functools.lru_cache(maxsize=2)
+def _run_data(ctx_key: tuple[str, str, int, int, int, int]) -> tuple[Any, Any, Any]:
+    """Test records and the gradient / routing batches, built once per process (also in a worker)."""
+    from mtlora.analysis.common import prepare_task_batches
+    from mtlora.hub import load_tokenizer
+
+    base_path, data_dir, num_tasks, grad_examples, entropy_examples, data_seed = ctx_key
+    tokenizer = load_tokenizer(base_path)
+    grad = prepare_task_batches(data_dir, tokenizer, {}, max_examples=grad_examples, seed=data_seed)
+    route = prepare_task_batches(data_dir, tokenizer, {}, max_examples=entropy_examples, seed=data_seed)
+    return grad, route, num_tasks
+
+
+def measure_run(
+    ctx: RunContext, seed: int, name: str, mode: str | None, lam: float, flags: list[str]
+) -> dict[str, Any]:
+    """Train one model of the plan, evaluate it and take every panel's measurements on it.
+
+    Returns the journal entry (``key``, ``row``, ``gradients``, ``spectral``). Runs one thread of torch, so
+    ``--jobs`` processes run side by side without oversubscribing the cores.
+    """
     import torch
 
-    from mtlora.analysis.common import load_adapter, prepare_task_batches
+    from mtlora.analysis.common import load_adapter
     from mtlora.analysis.routing import collect_routing, entropy_result, usage_result
     from mtlora.analysis.spectral import experts_from_model
     from mtlora.data.manytask import build_suite, macro_average, score
-    from mtlora.demo import BUNDLED_MODEL, _answer_budget, evaluate_model, pretrain_base, train_method
+    from mtlora.demo import evaluate_model, train_method
+
+    ns = ctx.ns
+    torch.set_num_threads(ns.num_threads)
+    grad_data, route_data, _ = _run_data(
+        (ctx.base_path, ctx.data_dir, ns.num_tasks, ns.num_tasks * ns.grad_batches * ns.grad_batch_size,
+         ns.entropy_examples, ns.data_seed)
+    )  # fmt: skip
+    test = build_suite(ns.num_tasks, ns.train_per_task, ns.test_per_task, ns.data_seed).test_records()
+    work = Path(ctx.work)
+    t0, c0 = time.time(), time.process_time()
+    run_ns = argparse.Namespace(**ctx.common, seed=seed, max_steps=ns.steps)
+    manifest = train_method(f"{name}-s{seed}", ctx.base_path, Path(ctx.data_dir), work, run_ns, flags=flags)
+    adapter_dir = Path(manifest["adapter_dir"])
+    answers, eval_s = evaluate_model(
+        ctx.base_path, adapter_dir, test, run_ns, ctx.budget, desc=f"eval {name} s{seed}"
+    )
+    per_task = score(answers, test)
+    row: dict[str, Any] = {
+        "run": name, "seed": seed, "mode": mode, "lambda": lam, "flags": flags,
+        "accuracy": macro_average(per_task), "per_task": per_task,
+        "train_loss": manifest.get("train_loss"), "trainable_params": manifest.get("trainable_params"),
+        "train_seconds": manifest.get("seconds"), "eval_seconds": round(eval_s, 2),
+    }  # fmt: skip
+    gradients: list[dict[str, Any]] = []
+    spectral: list[dict[str, Any]] = []
+    kind = "block" if name == "block" else "component"
+    loaded = load_adapter(adapter_dir, ctx.base_path, device="cpu", label=kind)
+    rs_prompt = collect_routing(loaded, route_data, tokens="prompt")
+    rs_all = collect_routing(loaded, route_data, tokens="all")
+    ent = entropy_result(rs_prompt)
+    row["routing_entropy"] = ent["overall_mean"]
+    row["routing_entropy_all_tokens"] = entropy_result(rs_all)["overall_mean"]
+    row["max_entropy"] = ent["max_entropy"]
+    experts = experts_from_model(loaded.model)
+    row["orthogonality_gap"] = orthogonality_gap(experts)
+    if kind == "component":
+        expert_level = spectral_panel(experts, ns.lora_rank)
+        row["top_band_importance"] = {s: v["importance_percent"][0] for s, v in expert_level.items()}
+        row["top_band_alignment"] = {
+            s: (v["alignment_percent"] or [None])[0] for s, v in expert_level.items()
+        }
+        if name == "component" and "1B" in ns.panels:
+            task_level = spectral_panel(routed_task_matrices(loaded, usage_result(rs_all)), ns.lora_rank)
+            spectral.append({"seed": seed, "expert_level": expert_level, "task_level": task_level})
+    if name in ("component", "block") and "1C" in ns.panels:
+        trained = measure_gradients(loaded, grad_data, ns)
+        init = measure_gradients(untrained_like(adapter_dir, ctx.base_path, seed, kind), grad_data, ns)
+        gradients.append({"seed": seed, "model": kind, "trained": trained, "init": init})
+    del loaded
+    row["wall_seconds"] = round(time.time() - t0, 2)
+    row["cpu_seconds"] = round(time.process_time() - c0, 2)
+    if not ns.keep_runs:
+        shutil.rmtree(work / "runs" / f"{name}-s{seed}", ignore_errors=True)
+    key = run_key(ns, name, flags, seed)
+    return {"key": key, "row": row, "gradients": gradients, "spectral": spectral}
+
+
+def run(ns: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from mtlora.analysis.common import clean_json
+    from mtlora.data.manytask import build_suite
+    from mtlora.demo import BUNDLED_MODEL, _answer_budget, pretrain_base
     from mtlora.hub import load_tokenizer
 
     t_start, cpu_start = time.time(), time.process_time()
@@ -473,7 +581,6 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
 
     suite = build_suite(ns.num_tasks, ns.train_per_task, ns.test_per_task, ns.data_seed)
     data_dir = suite.write(work / "data")
-    test = suite.test_records()
     pre_ns = argparse.Namespace(**common, seed=ns.data_seed, pretrain_steps=ns.pretrain_steps)
     print(
         f"[base] pre-training / loading the tiny base ({ns.pretrain_steps} steps, cache {ns.cache_dir})",
@@ -486,14 +593,6 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     print(f"[setup] block FFN rank {block_rank}: {ratio['block_params']:,d} vs {ratio['component_params']:,d} "
           f"component parameters (ratio {ratio['ratio']:.3f})", flush=True)  # fmt: skip
 
-    grad_data = prepare_task_batches(
-        data_dir, tokenizer, {}, max_examples=ns.num_tasks * ns.grad_batches * ns.grad_batch_size,
-        seed=ns.data_seed,
-    )  # fmt: skip
-    route_data = prepare_task_batches(
-        data_dir, tokenizer, {}, max_examples=ns.entropy_examples, seed=ns.data_seed
-    )
-
     plan: list[tuple[str, str | None, float, list[str]]] = [("component", None, 0.0, component_flags(ns))]
     if "1C" in ns.panels:
         plan.append(("block", None, 0.0, block_flags(ns, block_rank)))
@@ -505,76 +604,45 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             if lam > 0
         ]
     total = len(plan) * len(ns.seeds)
-    runs: list[dict[str, Any]] = []
-    gradients: list[dict[str, Any]] = []
-    spectral: list[dict[str, Any]] = []
     journal = ns.cache_dir / f"{ns.out.stem}.runs.jsonl"
-    done = _journal_read(journal) if ns.resume else {}
+    done = _common.journal_read(journal) if ns.resume else {}
     if not ns.resume:
         journal.unlink(missing_ok=True)
-    for seed in ns.seeds:
-        for name, mode, lam, flags in plan:
-            key = run_key(ns, name, flags, seed)
-            if key in done:
-                entry = done[key]
-                runs.append(entry["row"])
-                gradients.extend(entry["gradients"])
-                spectral.extend(entry["spectral"])
-                print(f"[{len(runs)}/{total}] {name} seed={seed}: reused from {journal}", flush=True)
-                continue
-            n_grad, n_spec = len(gradients), len(spectral)
-            t0, c0 = time.time(), time.process_time()
-            run_ns = argparse.Namespace(**common, seed=seed, max_steps=ns.steps)
-            manifest = train_method(f"{name}-s{seed}", base_path, data_dir, work, run_ns, flags=flags)
-            adapter_dir = Path(manifest["adapter_dir"])
-            answers, eval_s = evaluate_model(
-                base_path, adapter_dir, test, run_ns, budget, desc=f"eval {name} s{seed}"
-            )
-            per_task = score(answers, test)
-            row: dict[str, Any] = {
-                "run": name, "seed": seed, "mode": mode, "lambda": lam, "flags": flags,
-                "accuracy": macro_average(per_task), "per_task": per_task,
-                "train_loss": manifest.get("train_loss"), "trainable_params": manifest.get("trainable_params"),
-                "train_seconds": manifest.get("seconds"), "eval_seconds": round(eval_s, 2),
-            }  # fmt: skip
-            kind = "block" if name == "block" else "component"
-            loaded = load_adapter(adapter_dir, base_path, device="cpu", label=kind)
-            rs_prompt = collect_routing(loaded, route_data, tokens="prompt")
-            rs_all = collect_routing(loaded, route_data, tokens="all")
-            ent = entropy_result(rs_prompt)
-            row["routing_entropy"] = ent["overall_mean"]
-            row["routing_entropy_all_tokens"] = entropy_result(rs_all)["overall_mean"]
-            row["max_entropy"] = ent["max_entropy"]
-            experts = experts_from_model(loaded.model)
-            row["orthogonality_gap"] = orthogonality_gap(experts)
-            if kind == "component":
-                expert_level = spectral_panel(experts, ns.lora_rank)
-                row["top_band_importance"] = {s: v["importance_percent"][0] for s, v in expert_level.items()}
-                row["top_band_alignment"] = {
-                    s: (v["alignment_percent"] or [None])[0] for s, v in expert_level.items()
-                }
-                if name == "component" and "1B" in ns.panels:
-                    task_level = spectral_panel(
-                        routed_task_matrices(loaded, usage_result(rs_all)), ns.lora_rank
-                    )
-                    spectral.append({"seed": seed, "expert_level": expert_level, "task_level": task_level})
-            if name in ("component", "block") and "1C" in ns.panels:
-                trained = measure_gradients(loaded, grad_data, ns)
-                init = measure_gradients(untrained_like(adapter_dir, base_path, seed, kind), grad_data, ns)
-                gradients.append({"seed": seed, "model": kind, "trained": trained, "init": init})
-            del loaded
-            row["wall_seconds"] = round(time.time() - t0, 2)
-            row["cpu_seconds"] = round(time.process_time() - c0, 2)
-            runs.append(row)
-            _journal_append(
-                journal,
-                {"key": key, "row": row, "gradients": gradients[n_grad:], "spectral": spectral[n_spec:]},
-            )
-            print(f"[{len(runs)}/{total}] {name} seed={seed}: acc={100 * row['accuracy']:.1f}% "
-                  f"H={row['routing_entropy']:.3f} gap={row['orthogonality_gap']:.3f} "
-                  f"loss={row['train_loss']:.3f} ({row['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
-            if not ns.keep_runs:
-                shutil.rmtree(work / "runs" / f"{name}-s{seed}", ignore_errors=True)
+    ctx = RunContext(ns, str(base_path), str(data_dir), str(work), common, budget)
+    todo = [(seed, item) for seed in ns.seeds for item in plan]
+    entries: dict[tuple[int, str], dict[str, Any]] = {}
+    for seed, (name, _mode, _lam, flags) in todo:
+        key = run_key(ns, name, flags, seed)
+        if key in done:
+            entries[(seed, name)] = done[key]
+            print(f"[{len(entries)}/{total}] {name} seed={seed}: reused from {journal}", flush=True)
+    pending = [(seed, item) for seed, item in todo if (seed, item[0]) not in entries]
+
+    def finished(seed: int, entry: dict[str, Any]) -> None:
+        row = entry["row"]
+        entries[(seed, row["run"])] = entry
+        _common.journal_append(journal, clean_json(entry))
+        print(f"[{len(entries)}/{total}] {row['run']} seed={seed}: acc={100 * row['accuracy']:.1f}% "
+              f"H={row['routing_entropy']:.3f} gap={row['orthogonality_gap']:.3f} "
+              f"loss={row['train_loss']:.3f} ({row['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
+
+    if ns.jobs > 1 and len(pending) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn: a fresh interpreter per worker (fork after torch has started threads is unsafe)
+        with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(measure_run, ctx, seed, *item): seed for seed, item in pending}
+            for fut in as_completed(futures):
+                finished(futures[fut], fut.result())
+    else:
+        for seed, item in pending:
+            finished(seed, measure_run(ctx, seed, *item))
+    # plan order, whatever order the runs finished in: the JSON does not depend on --jobs
+    ordered = [entries[(seed, item[0])] for seed, item in todo]
+    runs = [entry["row"] for entry in ordered]
+    gradients = [g for entry in ordered for g in entry["gradients"]]
+    spectral = [s for entry in ordered for s in entry["spectral"]]
 
     panels: dict[str, Any] = {}
     if "1C" in ns.panels:
@@ -607,6 +675,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             "grad_batch_size": ns.grad_batch_size,
             "entropy_examples": ns.entropy_examples,
             "num_threads": ns.num_threads,
+            "jobs": ns.jobs,
             "quick": ns.quick,
             "panels": ns.panels,
             "flags": {name: flags for name, _, _, flags in plan},
@@ -642,31 +711,6 @@ def run_key(ns: argparse.Namespace, name: str, flags: Sequence[str], seed: int) 
                                        "entropy_examples", "pretrain_steps", "data_seed")},
     }  # fmt: skip
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _journal_read(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished runs by key; a torn last line (the process was killed while writing) is ignored."""
-    import json
-
-    done: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[entry["key"]] = entry
-    return done
-
-
-def _journal_append(path: Path, entry: dict[str, Any]) -> None:
-    import json
-
-    from mtlora.analysis.common import clean_json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(clean_json(entry)) + "\n")
 
 
 def panel_png(out_json: Path, panel: str) -> Path:

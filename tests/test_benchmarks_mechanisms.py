@@ -28,12 +28,12 @@ def test_resolve_defaults_quick_and_errors(tmp_path) -> None:
     assert full.lambdas == [0.0, 0.1, 0.25, 0.5, 1.0] and full.seeds == [1, 2, 3]
     assert full.panels == ["1A", "1B", "1C"] and full.modes == ["uniform", "spectral"]
     assert (full.lora_rank, full.experts, full.num_tasks) == (16, 16, 15)
-    assert full.out.name == "mechanisms.json"
+    assert full.out.name == "mechanisms.json" and full.jobs >= 1
     quick = _resolve("--quick", "--panels", "1c,1a")
     assert quick.out.name == "mechanisms_quick.json" and quick.panels == ["1A", "1C"]
-    assert quick.seeds == [1] and quick.lambdas == [0.0, 1.0]
+    assert quick.seeds == [1] and quick.lambdas == [0.0, 1.0] and quick.jobs == 1
     for bad in (["--panels", "1D"], ["--modes", "paper"], ["--lambdas", "-1"], ["--num_tasks", "1"],
-                ["--lora_rank", "2"], ["--experts", "1"], ["--seeds", ","]):  # fmt: skip
+                ["--lora_rank", "2"], ["--experts", "1"], ["--seeds", ","], ["--jobs", "0"]):  # fmt: skip
         with pytest.raises(SystemExit):
             _resolve(*bad)
 
@@ -177,7 +177,8 @@ def test_mechanisms_tiny(tmp_path, capsys) -> None:
     argv = ["--num_tasks", "3", "--steps", "4", "--pretrain_steps", "4", "--lambdas", "0,0.5", "--modes", "uniform",
             "--seeds", "0", "--train_per_task", "8", "--test_per_task", "2", "--entropy_examples", "9",
             "--grad_batches", "1", "--grad_batch_size", "2", "--experts", "4", "--lora_rank", "4",
-            "--cache_dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+            "--cache_dir", str(tmp_path / "cache"), "--out", str(out),
+            "--jobs", "2"]  # fmt: skip  # two worker processes: the parallel path, results in plan order
     assert mechanisms.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     for line, panel in zip(lines[-3:], ("1A", "1B", "1C")):
@@ -229,8 +230,8 @@ def test_resume_journal(tmp_path) -> None:
     assert key != mechanisms.run_key(_resolve("--experts", "4", "--steps", "7"), "component", flags, 1)
     assert key != mechanisms.run_key(_resolve("--experts", "4", "--panels", "1A"), "component", flags, 1)
     path = tmp_path / "m.runs.jsonl"
-    mechanisms._journal_append(path, {"key": key, "row": {"accuracy": 0.5}, "gradients": [], "spectral": []})
+    mechanisms._common.journal_append(path, {"key": key, "row": {"accuracy": 0.5}, "gradients": [], "spectral": []})
     path.write_text(path.read_text() + '{"key": "to')
-    assert mechanisms._journal_read(path) == {
+    assert mechanisms._common.journal_read(path) == {
         key: {"key": key, "row": {"accuracy": 0.5}, "gradients": [], "spectral": []}
     }
