@@ -33,9 +33,16 @@ def trained(tmp_path_factory) -> Path:
     argv = ["train", "--model_name_or_path", TINY, "--dataset_dir", str(data), "--output_dir", str(out),
             "--method", "hydralora", "--lora_nums", "2", "--lora_rank", "4", "--max_steps", "2",
             "--per_device_train_batch_size", "4", "--max_seq_length", "64", "--disable_tqdm", "True",
-            "--learning_rate", "0.001", "--save_strategy", "no"]  # fmt: skip
+            "--learning_rate", "0.001", "--save_strategy", "steps", "--save_steps", "2"]  # fmt: skip
     assert cli_main(argv) == 0
     return out
+
+
+def test_checkpoint_folders_carry_a_card(trained: Path) -> None:
+    """A ``checkpoint-N/`` folder is a loadable adapter too: it says what it is and how to load it."""
+    card = (trained / "checkpoint-2" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: mtlora\n") and "| method | hydralora |" in card
+    assert "load_model(None, 'checkpoint-2')" in card
 
 
 def test_training_output_card_states_the_facts(trained: Path) -> None:

@@ -166,6 +166,20 @@ class MtLoraTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         save_adapter(unwrap(self.model), output_dir, self.processing_class, self.task_map)
         Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+        self._write_card(output_dir)
+
+    @staticmethod
+    def _write_card(output_dir: str) -> None:
+        """Every saved adapter folder - ``checkpoint-N/`` too - says what it is and how to load it (README.md).
+
+        The card is documentation: a failure to write it is reported, never allowed to lose the checkpoint."""
+        from mtlora.model_card import write_training_card
+
+        try:
+            write_training_card(output_dir)
+        except Exception as exc:  # noqa: BLE001 - any card bug must not abort the run whose weights are saved
+            logger.warning("%s: the adapter is saved but its model card (README.md) could not be written: %s",
+                           output_dir, exc)  # fmt: skip
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
