@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtlora.hub import Loaded, load_model, read_adapter_config, resolve_adapter_dir, resolve_model_path
+from mtlora.hub import Loaded, load_config, load_model, read_adapter_config, resolve_adapter_dir
 
 __all__ = [
     "LoadedModel",
@@ -117,13 +117,9 @@ def _positions(config: Any) -> int | None:
 def config_max_positions(model_name_or_path: str, *, trust_remote_code: bool = False) -> int | None:
     """Positions of a model read from its config alone (no weights), or None when the config says nothing
     or cannot be read here (the model load then reports the problem)."""
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(
-            resolve_model_path(model_name_or_path), trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError):
+        config = load_config(model_name_or_path, trust_remote_code=trust_remote_code)
+    except ValueError:  # ConfigError (unreadable, needs remote code) and transformers' own ValueErrors
         return None
     return _positions(config)
 
