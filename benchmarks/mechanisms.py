@@ -291,7 +291,16 @@ def untrained_like(adapter_dir: Path, base_path: str, seed: int, label: str) -> 
     model.eval()
     trained_map = load_model(base_path, adapter_dir, device="cpu").task_map
     return LoadedAdapter(
-        model, base.tokenizer, adapter_dir, cfg.to_dict(), trained_map, torch.device("cpu"), label
+        model=model,
+        tokenizer=base.tokenizer,
+        device="cpu",
+        dtype=base.dtype,
+        model_name_or_path=base.model_name_or_path,
+        adapter_dir=adapter_dir,
+        adapter_config=cfg.to_dict(),
+        method=cfg.method,
+        task_map=trained_map,
+        label=label,
     )
 
 

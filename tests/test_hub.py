@@ -21,17 +21,18 @@ def _base() -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY)).eval()
 
 
-def _mtlora_adapter(path: Path, method: str = "hydralora") -> torch.Tensor:
+def _mtlora_adapter(path: Path, method: str = "hydralora", **config: object) -> torch.Tensor:
     """Save a non-trivial adapter (base recorded as mtlora:stories260k); return its logits on IDS."""
     torch.manual_seed(0)
     model = get_mtlora_model(
-        _base(), MtLoraConfig(method=method, lora_nums=2, lora_rank=4, base_model_name_or_path=TINY)
+        _base(), MtLoraConfig(method=method, lora_nums=2, lora_rank=4, base_model_name_or_path=TINY, **config)
     )
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0.0, 0.05)
-        logits = model.eval()(input_ids=IDS).logits
+        task_ids = torch.zeros(1, dtype=torch.long) if model.needs_task_ids else None
+        logits = model.eval()(input_ids=IDS, task_ids=task_ids).logits
     model.save_pretrained(path)
     return logits
 
@@ -115,3 +116,105 @@ def test_adapter_for_another_base_is_a_checkpoint_error(tmp_path: Path) -> None:
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(CheckpointError, match="does not fit"):
         load_model(TINY, tmp_path / "other", device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------- the loading API
+def test_load_base_matches_from_pretrained_and_names_the_flag_in_errors(tmp_path: Path) -> None:
+    from mtlora.errors import ConfigError
+    from mtlora.hub import load_base
+
+    model, tokenizer = load_base(TINY, dtype=torch.float32, use_cache=False)
+    assert model.config.use_cache is False and tokenizer.pad_token is not None
+    ref = _base()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval()(input_ids=IDS).logits, ref(input_ids=IDS).logits, atol=0, rtol=0
+        )
+    with pytest.raises(ConfigError, match=r"^--tokenizer_name_or_path .*no_tok: cannot load the tokenizer"):
+        load_base(TINY, dtype=torch.float32, tokenizer_name_or_path=str(tmp_path / "no_tok"))
+    with pytest.raises(ConfigError, match=r"^--tokenizer_name .*no_tok: cannot load the tokenizer"):
+        load_base(
+            TINY,
+            dtype=torch.float32,
+            tokenizer_name_or_path=tmp_path / "no_tok",
+            tokenizer_flag="--tokenizer_name",
+        )
+    with pytest.raises(ConfigError, match=r"^--config_name .*no_cfg: cannot load a model config"):
+        load_base(TINY, dtype=torch.float32, config_name=str(tmp_path / "no_cfg"))
+    with pytest.raises(ConfigError, match=r"^--model_name_or_path .*no_model: cannot load model"):
+        load_base(tmp_path / "no_model", dtype=torch.float32)
+
+
+def test_check_model_path(tmp_path: Path) -> None:
+    from mtlora.errors import ConfigError
+    from mtlora.hub import check_model_path
+
+    assert check_model_path(TINY) == resolve_model_path(TINY)
+    assert check_model_path("org/name") == "org/name"  # a hub id passes (offline: the load reports it)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"--model_name_or_path .*empty: no config.json in this folder$"):
+        check_model_path(tmp_path / "empty")
+    with pytest.raises(ConfigError, match=r"--base .*missing: no such folder$"):
+        check_model_path(tmp_path / "missing", flag="--base")
+
+
+def test_attach_adapter_trainable_and_frozen(tmp_path: Path) -> None:
+    from mtlora.hub import attach_adapter
+
+    want = _mtlora_adapter(tmp_path / "a", "mmoelora", task_num=2)
+    (tmp_path / "a" / "task_map.json").write_text(json.dumps({"x": 0, "y": 1}))
+    model, method, cfg, task_map = attach_adapter(_base(), tmp_path / "a", trainable=True)
+    assert method == "mmoelora" and cfg["method"] == "mmoelora" and task_map == {"x": 0, "y": 1}
+    assert any(p.requires_grad for p in model.parameters())  # --peft_path continues training it
+    with torch.no_grad():
+        got = model.eval()(input_ids=IDS, task_ids=torch.zeros(1, dtype=torch.long)).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    frozen, *_ = attach_adapter(_base(), tmp_path / "a")
+    assert not any(p.requires_grad for p in frozen.parameters())
+    with pytest.raises(CheckpointError, match="shape mismatch|does not fit"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg2 = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4)  # fmt: skip
+        attach_adapter(LlamaForCausalLM(cfg2), tmp_path / "a", base_name="mybase", flag="--peft_path")
+
+
+def test_adapter_tensors_and_parameter_count(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from mtlora.hub import adapter_num_parameters, read_adapter_tensors
+
+    _mtlora_adapter(tmp_path / "run" / "sft_lora_model")
+    want = load_file(str(tmp_path / "run" / "sft_lora_model" / "adapter_model.safetensors"))
+    got = read_adapter_tensors(tmp_path / "run")  # a training output directory works too
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert adapter_num_parameters(tmp_path / "run") == sum(t.numel() for t in want.values()) > 0
+    (tmp_path / "run" / "sft_lora_model" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        read_adapter_tensors(tmp_path / "run")
+    (tmp_path / "run" / "sft_lora_model" / "adapter_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no adapter_model.safetensors"):
+        adapter_num_parameters(tmp_path / "run")
+
+
+def test_one_loaded_class_for_every_caller(tmp_path: Path) -> None:
+    """LoadedBase and the analyses' LoadedAdapter are hub.Loaded; evaluation's LoadedModel extends it with the
+    fields its reports write, and keeps their names (lora_checkpoint, adapter_method)."""
+    from mtlora.analysis.common import LoadedAdapter, load_adapter
+    from mtlora.evaluation.loading import LoadedModel, load_model_for_eval
+    from mtlora.hub import Loaded, LoadedBase
+
+    assert LoadedBase is Loaded and LoadedAdapter is Loaded and issubclass(LoadedModel, Loaded)
+    _mtlora_adapter(tmp_path / "a", "mmoelora", task_num=2)
+    analysed = load_adapter(tmp_path / "a", device="cpu")
+    assert analysed.label == "component" and analysed.config["method"] == "mmoelora"
+    assert (
+        analysed.needs_task_ids and len(analysed.named_adapters()) == len(analysed.named_adapters("proj")) > 0
+    )
+    assert analysed.named_adapters("no_such_module") == []
+    evaluated = load_model_for_eval(None, str(tmp_path / "a"), device="cpu", task_id=1)
+    assert evaluated.lora_checkpoint == str(tmp_path / "a") and evaluated.adapter_method == "mmoelora"
+    assert evaluated.needs_task_ids and evaluated.task_id_for("anything") == 1
+    base = load_model_for_eval(TINY, device="cpu")
+    assert base.lora_checkpoint is None and base.adapter_method is None and not base.needs_task_ids
+    assert base.task_id_for("anything") is None and base.named_adapters() == [] and base.config == {}

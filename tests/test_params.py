@@ -119,3 +119,26 @@ def test_params_cli_errors_are_one_line(tmp_path) -> None:
     assert empty.returncode == 2 and "no config.json" in empty.stderr
     wrong = run("--model_name_or_path", L7, "--method", "hydralora", "--enable_block_adapter")
     assert wrong.returncode == 2 and "use --method mtlora" in wrong.stderr
+
+
+def test_params_reads_the_config_through_the_hub_and_never_runs_remote_code(tmp_path, capsys) -> None:
+    """``mtlora:`` names work, and a config that needs shipped code is one error line unless
+    ``--trust_remote_code`` is given (stdin is never asked)."""
+    import json
+    import shutil
+
+    from mtlora.hub import resolve_model_path
+
+    assert cli_main(["params", "--model_name_or_path", "mtlora:stories260k", "--method", "lora"]) == 0
+    assert capsys.readouterr().out.startswith("trainable_params=")
+    custom = tmp_path / "custom"
+    shutil.copytree(resolve_model_path("mtlora:stories260k"), custom)
+    cfg = json.loads((custom / "config.json").read_text())
+    cfg["model_type"] = "mtlora_custom_test"
+    cfg["auto_map"] = {"AutoConfig": "modeling_custom.CustomConfig"}
+    (custom / "config.json").write_text(json.dumps(cfg))
+    (custom / "modeling_custom.py").write_text("raise SystemExit('custom code ran')\n")
+    assert cli_main(["params", "--model_name_or_path", str(custom), "--method", "lora"]) == 2
+    err = capsys.readouterr().err
+    assert f"--model_name_or_path {custom}: the model needs Python code shipped with it" in err
+    assert "custom code ran" not in err

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shlex
 import shutil
@@ -241,57 +240,45 @@ def build_demo_suite(ns: argparse.Namespace):
 
 
 # ----------------------------------------------------------------------------------------------- base pre-training
-def pretrain_base(ns: argparse.Namespace, suite: Any, cache_dir: Path) -> tuple[str, dict[str, Any]]:
-    """Full fine-tuning of the tiny base on PRETRAIN_TASKS, cached by content; returns (folder, info).
-
-    The cache key covers the base model's files, the pre-training records (hence the excluded test inputs)
-    and every hyper-parameter, so a stale base is never reused.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-
-    from mtlora.data import DataCollatorForInstructions, build_task_map, tokenize_records
-    from mtlora.data.manytask import pretrain_records
+def _pretrain_cache_key(
+    ns: argparse.Namespace, model_path: Path, records: Sequence[Any]
+) -> tuple[str, dict[str, Any]]:
+    """``(key, hyper-parameters)`` of a pre-training: the key hashes the base's files, the records and the
+    hyper-parameters, so a stale cached base is never reused."""
     from mtlora.data.tokenize import records_fingerprint
-    from mtlora.hub import load_tokenizer, resolve_model_path
 
-    model_path = Path(resolve_model_path(ns.model_name_or_path))
-    per_task = max(ns.train_per_task * 2, 16)
-    records = pretrain_records(per_task, ns.seed, exclude=suite.test)
     hparams = {
         "steps": ns.pretrain_steps,
         "learning_rate": 3e-3,
         "batch_size": ns.batch_size,
         "warmup_steps": min(50, ns.pretrain_steps // 10),
         "seed": ns.seed,
-        "per_task": per_task,
+        "per_task": max(ns.train_per_task * 2, 16),
     }
     key_src = json.dumps(
         {"model": _file_fingerprint(model_path), "data": records_fingerprint(records), **hparams},
         sort_keys=True,
     )
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    folder = cache_dir / f"pretrained_base-{key}"
-    info_file = folder / "pretrain.json"
-    if info_file.is_file():
-        info = json.loads(info_file.read_text())
-        info["cached"] = True
-        _say(
-            f"      reusing the cached pre-trained base {folder} ({info['seconds']:.0f} s when it was built)"
-        )
-        return str(folder), info
+    return hashlib.sha256(key_src.encode()).hexdigest()[:16], hparams
 
-    t0 = time.time()
-    tokenizer = load_tokenizer(str(model_path), trust_remote_code=_trust(ns))
-    dataset = tokenize_records(records, tokenizer, 128, "paper", build_task_map(records))
-    torch.manual_seed(ns.seed)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, trust_remote_code=_trust(ns)
+
+def _run_pretraining(
+    ns: argparse.Namespace, model_path: Path, records: Sequence[Any], hparams: dict[str, Any], workdir: Path
+) -> tuple[Any, Any, Any]:
+    """Full fine-tuning of the base on ``records``: ``(model, tokenizer, trainer result)`` (fp32, cache on)."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from mtlora.data import DataCollatorForInstructions, build_task_map, tokenize_records
+    from mtlora.hub import load_base
+
+    torch.manual_seed(ns.seed)  # seeds the load (the Trainer seeds again for training)
+    model, tokenizer = load_base(
+        model_path, dtype=torch.float32, trust_remote_code=_trust(ns), use_cache=False
     )
-    model.config.use_cache = False
-    tmp = cache_dir / f".tmp-{key}-{os.getpid()}"
+    dataset = tokenize_records(records, tokenizer, 128, "paper", build_task_map(records))
     args = TrainingArguments(
-        output_dir=str(tmp / "trainer"),
+        output_dir=str(workdir / "trainer"),
         per_device_train_batch_size=ns.batch_size,
         learning_rate=hparams["learning_rate"],
         max_steps=ns.pretrain_steps,
@@ -323,6 +310,35 @@ def pretrain_base(ns: argparse.Namespace, suite: Any, cache_dir: Path) -> tuple[
     )
     result = trainer.train()
     model.config.use_cache = True
+    return model, tokenizer, result
+
+
+def pretrain_base(ns: argparse.Namespace, suite: Any, cache_dir: Path) -> tuple[str, dict[str, Any]]:
+    """Full fine-tuning of the tiny base on PRETRAIN_TASKS, cached by content; returns (folder, info).
+
+    The cache key covers the base model's files, the pre-training records (hence the excluded test inputs)
+    and every hyper-parameter, so a stale base is never reused.
+    """
+    from mtlora.data import build_task_map
+    from mtlora.data.manytask import pretrain_records
+    from mtlora.hub import resolve_model_path
+
+    model_path = Path(resolve_model_path(ns.model_name_or_path))
+    records = pretrain_records(max(ns.train_per_task * 2, 16), ns.seed, exclude=suite.test)
+    key, hparams = _pretrain_cache_key(ns, model_path, records)
+    folder = cache_dir / f"pretrained_base-{key}"
+    info_file = folder / "pretrain.json"
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        info["cached"] = True
+        _say(
+            f"      reusing the cached pre-trained base {folder} ({info['seconds']:.0f} s when it was built)"
+        )
+        return str(folder), info
+
+    t0 = time.time()
+    tmp = cache_dir / f".tmp-{key}-{os.getpid()}"
+    model, tokenizer, result = _run_pretraining(ns, model_path, records, hparams, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     info = {
         "key": key,
@@ -507,10 +523,9 @@ def _train_lorahub(argv: list[str], run_dir: Path, data_dir: Path) -> dict[str, 
     hub_argv = lorahub_train_argv(argv)
     assert hub_argv is not None
     adapter_dir = run_lorahub_method(*parse_train_args(hub_argv, prog="mtlora demo"))
-    from safetensors import safe_open
+    from mtlora.hub import adapter_num_parameters
 
-    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
-        trainable = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    trainable = adapter_num_parameters(adapter_dir)
     return {
         "adapter_dir": str(adapter_dir),
         "argv": argv,
@@ -597,11 +612,107 @@ def _per_family(per_task: dict[str, float], tasks: Sequence[Any]) -> dict[str, f
 
 
 # ----------------------------------------------------------------------------------------------- main
+def _evaluate_row(
+    answers: list[str],
+    eval_s: float,
+    test: Sequence[Any],
+    tasks: Sequence[Any],
+    manifest: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """One row of the results: scores of ``answers`` on ``test``, plus the training run's facts (None: the base)."""
+    from mtlora.data.manytask import macro_average, score
+
+    per_task = score(answers, test)
+    row: dict[str, Any] = {
+        "per_task": per_task,
+        "per_family": _per_family(per_task, tasks),
+        "average": macro_average(per_task),
+        "trainable_params": manifest["trainable_params"] if manifest else None,
+        "seconds": manifest["seconds"] if manifest else None,
+        "eval_seconds": round(eval_s, 2),
+    }
+    if manifest:
+        row.update({k: manifest[k] for k in ("train_loss", "global_steps")})
+    return row
+
+
+def _results(
+    ns: argparse.Namespace,
+    suite: Any,
+    test: Sequence[Any],
+    budget: int,
+    rows: dict[str, Any],
+    pretrain_info: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``results.json`` without its total time: the suite, the run's configuration and the rows."""
+    return {
+        "suite": {
+            "name": suite.name,
+            "meta": suite.meta,
+            "tasks": [dataclasses.asdict(t) for t in suite.tasks],
+            "num_train": len(suite.train),
+            "num_test": len(test),
+        },
+        "config": {
+            "model": ns.model_name_or_path,
+            "device": ns.device,
+            "methods": ns.methods,
+            "max_steps": None if ns.epochs else ns.max_steps,
+            "epochs": ns.epochs,
+            "batch_size": ns.batch_size,
+            "learning_rate": ns.learning_rate,
+            "lora_rank": ns.lora_rank,
+            "seed": ns.seed,
+            "num_threads": ns.num_threads if ns.device == "cpu" else None,
+            "quick": ns.quick,
+            "train_args": ns.train_args,
+            "max_new_tokens": budget,
+        },
+        "base_pretraining": pretrain_info,
+        "methods": rows,
+    }
+
+
+def _write_results(
+    ns: argparse.Namespace,
+    out: Path,
+    results: dict[str, Any],
+    test: Sequence[Any],
+    predictions: dict[str, list[str]],
+) -> None:
+    """``results.json``, ``predictions.jsonl``, ``results.md`` and ``results.png`` in ``out``; the tables on stdout."""
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    with (out / "predictions.jsonl").open("w") as fh:
+        for i, rec in enumerate(test):
+            fh.write(json.dumps({**rec, "predictions": {m: p[i] for m, p in predictions.items()}}) + "\n")
+    table = markdown_table(results)
+    families = family_table(results)
+    budget_text = f"{ns.epochs} epochs" if ns.epochs else f"{ns.max_steps} steps"
+    pretrain_info = results["base_pretraining"]
+    header = (
+        f"# mtlora demo: {results['suite']['name']}, {len(results['suite']['tasks'])} tasks, "
+        f"{ns.model_name_or_path} on {ns.device}\n\n"
+        f"Exact match (%) on {ns.test_per_task} unseen test inputs per task; every method: "
+        f"{budget_text}, batch {ns.batch_size}, "
+        f"lr {ns.learning_rate:g}, rank {ns.lora_rank}, seed {ns.seed}.\n"
+    )
+    if pretrain_info:
+        header += (
+            f"\nBase pre-training: {pretrain_info['steps']} steps of full fine-tuning on "
+            f"{len(pretrain_info['tasks'])} non-evaluated tasks ({pretrain_info['seconds']:.0f} s"
+            f"{', cached' if pretrain_info['cached'] else ''}). {_PRETRAIN_REASON}\n"
+        )
+    (out / "results.md").write_text(f"{header}\n## Per family\n\n{families}\n\n## Per task\n\n{table}\n")
+    plot_results(results, out / "results.png")
+    _say("\n" + table + "\n\n" + families)
+    _say(f"\ntotal {results['total_seconds']:.0f} s; wrote {out / 'results.json'}, {out / 'results.md'}, "
+         f"{out / 'results.png'}")  # fmt: skip
+
+
 def run_demo(ns: argparse.Namespace) -> dict[str, Any]:
     """Everything after argument parsing; returns the results dict (also written to OUTPUT_DIR)."""
     import torch
 
-    from mtlora.data.manytask import macro_average, score
     from mtlora.hub import load_tokenizer
 
     t_start = time.time()
@@ -632,24 +743,15 @@ def run_demo(ns: argparse.Namespace) -> dict[str, Any]:
         _say("      why: " + _PRETRAIN_REASON)
         base_path, pretrain_info = pretrain_base(ns, suite, cache_dir)
 
-    tokenizer = load_tokenizer(base_path)
+    tokenizer = load_tokenizer(base_path, trust_remote_code=_trust(ns))
     test = suite.test_records()
     budget = _answer_budget(suite.train, tokenizer)
-    tasks = suite.tasks
     methods: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[str]] = {}
 
     stage("evaluating the base model without adapters (reference)")
     answers, eval_s = evaluate_model(base_path, None, test, ns, budget, desc="eval base")
-    per_task = score(answers, test)
-    methods[BASE_ROW] = {
-        "per_task": per_task,
-        "per_family": _per_family(per_task, tasks),
-        "average": macro_average(per_task),
-        "trainable_params": None,
-        "seconds": None,
-        "eval_seconds": round(eval_s, 2),
-    }
+    methods[BASE_ROW] = _evaluate_row(answers, eval_s, test, suite.tasks, None)
     predictions[BASE_ROW] = answers
 
     for method in ns.methods:
@@ -658,74 +760,15 @@ def run_demo(ns: argparse.Namespace) -> dict[str, Any]:
         answers, eval_s = evaluate_model(
             base_path, Path(manifest["adapter_dir"]), test, ns, budget, desc=f"eval {method}"
         )
-        per_task = score(answers, test)
-        methods[method] = {
-            "per_task": per_task,
-            "per_family": _per_family(per_task, tasks),
-            "average": macro_average(per_task),
-            "trainable_params": manifest["trainable_params"],
-            "seconds": manifest["seconds"],
-            "eval_seconds": round(eval_s, 2),
-            "train_loss": manifest["train_loss"],
-            "global_steps": manifest["global_steps"],
-            "flags": METHOD_FLAGS[method],
-            "adapter_dir": manifest["adapter_dir"],
-        }
+        methods[method] = _evaluate_row(answers, eval_s, test, suite.tasks, manifest)
+        methods[method].update(flags=METHOD_FLAGS[method], adapter_dir=manifest["adapter_dir"])
         predictions[method] = answers
         _say(f"      {method}: average exact match {100 * methods[method]['average']:.1f}% "
              f"({manifest['trainable_params']:,d} trainable params, {manifest['seconds']:.0f} s)")  # fmt: skip
 
-    results: dict[str, Any] = {
-        "suite": {
-            "name": suite.name,
-            "meta": suite.meta,
-            "tasks": [dataclasses.asdict(t) for t in tasks],
-            "num_train": len(suite.train),
-            "num_test": len(test),
-        },
-        "config": {
-            "model": ns.model_name_or_path,
-            "device": ns.device,
-            "methods": ns.methods,
-            "max_steps": None if ns.epochs else ns.max_steps,
-            "epochs": ns.epochs,
-            "batch_size": ns.batch_size,
-            "learning_rate": ns.learning_rate,
-            "lora_rank": ns.lora_rank,
-            "seed": ns.seed,
-            "num_threads": ns.num_threads if ns.device == "cpu" else None,
-            "quick": ns.quick,
-            "train_args": ns.train_args,
-            "max_new_tokens": budget,
-        },
-        "base_pretraining": pretrain_info,
-        "methods": methods,
-        "total_seconds": round(time.time() - t_start, 2),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    with (out / "predictions.jsonl").open("w") as fh:
-        for i, rec in enumerate(test):
-            fh.write(json.dumps({**rec, "predictions": {m: p[i] for m, p in predictions.items()}}) + "\n")
-    table = markdown_table(results)
-    families = family_table(results)
-    budget_text = f"{ns.epochs} epochs" if ns.epochs else f"{ns.max_steps} steps"
-    header = (
-        f"# mtlora demo: {suite.name}, {len(tasks)} tasks, {ns.model_name_or_path} on {ns.device}\n\n"
-        f"Exact match (%) on {ns.test_per_task} unseen test inputs per task; every method: "
-        f"{budget_text}, batch {ns.batch_size}, "
-        f"lr {ns.learning_rate:g}, rank {ns.lora_rank}, seed {ns.seed}.\n"
-    )
-    if pretrain_info:
-        header += (
-            f"\nBase pre-training: {pretrain_info['steps']} steps of full fine-tuning on "
-            f"{len(pretrain_info['tasks'])} non-evaluated tasks ({pretrain_info['seconds']:.0f} s"
-            f"{', cached' if pretrain_info['cached'] else ''}). {_PRETRAIN_REASON}\n"
-        )
-    (out / "results.md").write_text(f"{header}\n## Per family\n\n{families}\n\n## Per task\n\n{table}\n")
-    plot_results(results, out / "results.png")
-    _say("\n" + table + "\n\n" + families)
-    _say(f"\ntotal {results['total_seconds']:.0f} s; wrote {out / 'results.json'}, {out / 'results.md'}, "
-         f"{out / 'results.png'}")  # fmt: skip
+    results = _results(ns, suite, test, budget, methods, pretrain_info)
+    results["total_seconds"] = round(time.time() - t_start, 2)
+    _write_results(ns, out, results, test, predictions)
     return results
 
 

@@ -154,16 +154,9 @@ def _display_path(path: Path, folder: Path) -> str:
 
 def tensor_count(path: str | Path) -> int:
     """Number of elements in a safetensors file, read from its header (no tensor is loaded)."""
-    from safetensors import safe_open
+    from mtlora.hub import safetensors_num_elements
 
-    total = 0
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            n = 1
-            for d in f.get_slice(key).get_shape():
-                n *= int(d)
-            total += n
-    return total
+    return safetensors_num_elements(path)
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -393,17 +386,8 @@ def _native_snippets(facts: AdapterFacts) -> str:
     )
 
 
-def export_card(
-    report: Mapping[str, Any], task: str, facts: AdapterFacts, form: str, rel_path: str, out_dir: str | Path
-) -> str:
-    """The card of one exported artefact (``rel_path`` inside the export folder ``out_dir``) for ``task``."""
-    entry = report["tasks"][task]
-    base = report.get("base_model_name_or_path")
-    library = {FORM_PEFT: "peft", FORM_MERGED: "transformers"}.get(form)
-    parts = [_front_matter(base, library, _tags(facts, form.replace("_", "-")))]
-    shared = report.get("default_export") == entry["dir"]
-    title = "all tasks" if shared else f"task `{task}`"
-    parts.append(f"# {FORM_TITLES[form]} for {title}, from a {report['method']} adapter (mtlora export)")
+def _export_what_how(form: str, entry: Mapping[str, Any]) -> str:
+    """What the artefact is (by form) and how its routing was frozen (by the task's routing source)."""
     if form == FORM_BUNDLE:
         what = (
             "Block-level mtLoRA adds a parallel low-rank path over whole blocks (h' = h + F(LN h) + "
@@ -434,19 +418,14 @@ def export_card(
         how = "The task gate for this task id is fixed: exactly the routed model for this task."
     else:
         how = "The adapter has no router: this export is the adapter itself, for every task."
-    parts.append(what + " " + how)
-    parts.append(
-        "## Base model\n\n"
-        + f"`{base}`"
-        + (
-            f" (a copy of the bundled `{report.get('base_model')}`, kept in `{report['base_model_copy']}/` of the "
-            "export)"
-            if report.get("base_model_copy")
-            else ""
-        )
-    )
-    source = [("source adapter", report.get("adapter_dir"))] + describe_method(facts.config)
-    parts.append("## Method\n\n" + _table(["", ""], source))
+    return what + " " + how
+
+
+def _export_tasks_and_data(
+    report: Mapping[str, Any], task: str, entry: Mapping[str, Any], facts: AdapterFacts
+) -> list[str]:
+    """The card's Tasks and Data sections: every task of the export, and the SHA-256 of the data used."""
+    parts: list[str] = []
     task_rows = [
         [t, e.get("task_id"), e.get("dir") or "not exported: " + str(e.get("skipped"))]
         for t, e in sorted(
@@ -471,10 +450,11 @@ def export_card(
         "(when the source run's manifest was found).\n\n"
         + _table(["data", "sha256"], [r for r in data_rows if r[1]])
     )
-    parts.append("## Hyper-parameters of the source adapter\n\n" + _table(["name", "value"], _hparams(facts)))
-    parts.append(
-        "## Parameters\n\n" + _table(["", "count"], _export_param_rows(Path(out_dir) / rel_path, form))
-    )
+    return parts
+
+
+def _export_evaluation(report: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
+    """The card's Evaluation section: routed model vs this export vs the base on the task's held-out records."""
     if "routed" in entry:
         r, x, b = entry["routed"], entry["exported"], entry["base"]
         rows = [
@@ -482,13 +462,44 @@ def export_card(
             ["this export", _fmt(x["accuracy"]), _fmt(x["nll"]), x["examples"]],
             ["base model", "", _fmt(b["nll"]), x["examples"]],
         ]
-        parts.append(
+        return (
             "## Evaluation\n\nExact match of greedy generations and mean target NLL on the task's held-out "
             f"records (`report.json`, eval data: {report.get('eval_data')}).\n\n"
             + _table(["model", "accuracy", "nll", "examples"], rows)
         )
-    else:
-        parts.append("## Evaluation\n\nNot measured (exported with `--no_eval`).")
+    return "## Evaluation\n\nNot measured (exported with `--no_eval`)."
+
+
+def export_card(
+    report: Mapping[str, Any], task: str, facts: AdapterFacts, form: str, rel_path: str, out_dir: str | Path
+) -> str:
+    """The card of one exported artefact (``rel_path`` inside the export folder ``out_dir``) for ``task``."""
+    entry = report["tasks"][task]
+    base = report.get("base_model_name_or_path")
+    library = {FORM_PEFT: "peft", FORM_MERGED: "transformers"}.get(form)
+    parts = [_front_matter(base, library, _tags(facts, form.replace("_", "-")))]
+    shared = report.get("default_export") == entry["dir"]
+    title = "all tasks" if shared else f"task `{task}`"
+    parts.append(f"# {FORM_TITLES[form]} for {title}, from a {report['method']} adapter (mtlora export)")
+    parts.append(_export_what_how(form, entry))
+    parts.append(
+        "## Base model\n\n"
+        + f"`{base}`"
+        + (
+            f" (a copy of the bundled `{report.get('base_model')}`, kept in `{report['base_model_copy']}/` of the "
+            "export)"
+            if report.get("base_model_copy")
+            else ""
+        )
+    )
+    source = [("source adapter", report.get("adapter_dir"))] + describe_method(facts.config)
+    parts.append("## Method\n\n" + _table(["", ""], source))
+    parts += _export_tasks_and_data(report, task, entry, facts)
+    parts.append("## Hyper-parameters of the source adapter\n\n" + _table(["name", "value"], _hparams(facts)))
+    parts.append(
+        "## Parameters\n\n" + _table(["", "count"], _export_param_rows(Path(out_dir) / rel_path, form))
+    )
+    parts.append(_export_evaluation(report, entry))
     path_for_reader = "."
     parts.append(
         "## Load\n\nFrom this folder (replace `.` by its path; no mtlora needed):\n\n```python\n"

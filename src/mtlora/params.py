@@ -9,36 +9,26 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 import torch
 
 from mtlora.config import MtLoraConfig, adapter_argument_parser
-from mtlora.errors import MtLoraError
 from mtlora.outputs import add_safety_flags
-
-
-def _resolve(name_or_path: str) -> str:
-    try:
-        from mtlora.hub import resolve_model_path
-    except ImportError:  # pragma: no cover - hub module is always shipped
-        return name_or_path
-    return resolve_model_path(name_or_path)
 
 
 def build_meta_model(
     model_name_or_path: str | os.PathLike[str], *, trust_remote_code: bool = False
 ) -> torch.nn.Module:
-    """Instantiate a causal LM from its config on the meta device (no memory, no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Instantiate a causal LM from its config on the meta device (no memory, no weights).
 
-    path = _resolve(str(model_name_or_path))
-    if os.path.isdir(path) and not (Path(path) / "config.json").is_file():
-        raise MtLoraError(f"--model_name_or_path {path}: no config.json in this directory")
-    try:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise MtLoraError(f"--model_name_or_path {path}: cannot load a model config ({exc})") from None
+    The config is read through :func:`mtlora.hub.load_config` (``mtlora:<name>`` works, errors name the flag).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from mtlora.hub import check_model_path, load_config
+
+    path = check_model_path(os.fspath(model_name_or_path))
+    hf_config = load_config(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
 

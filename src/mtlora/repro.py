@@ -120,99 +120,127 @@ def _both(script: str) -> dict[str, str]:
     return {"bbh": f"exp/bbh/{script}", "mmlu": f"exp/mmlu/{script}"}
 
 
+def _table1_rows() -> list[Row]:
+    """Table 1: the baselines and full mtLoRA (no released script: every run is extra)."""
+    return [
+        Row(
+            "lorahub",
+            "LoRAHub (per-task LoRAs, composed)",
+            ["--method", "lorahub", "--target_modules", "q_proj,v_proj"],
+        ),
+        Row(
+            "mmoelora",
+            "MMoELoRA (task-id gated)",
+            ["--method", "mmoelora", "--target_modules", "q_proj,v_proj"],
+        ),
+        Row("hydralora", "HydraLoRA", HYDRA),
+        Row("mtlora_full", "mtLoRA (block + spectral + FGR)", _block(), spectral=True, group_size=2048),
+    ]
+
+
+def _table2_rows() -> list[Row]:
+    """Table 2: HydraLoRA q,v, then block FFN, spectral regularization, fine-grained routing, all."""
+    ffn = {s: f"exp/{s}/block/ffn/0_baseline.sh -> exp/{s}/block/position/ffn.sh" for s in SETUPS}
+    return [
+        Row("hydralora", "HydraLoRA (component q,v)", HYDRA, released=_both("component/0_baseline.sh")),
+        Row("block_ffn", "+ block-level (FFN)", _block(), released=ffn),
+        Row(
+            "block_ffn_spectral",
+            "+ block + spectral reg.",
+            _block(),
+            spectral=True,
+            released={
+                "bbh": "exp/bbh/block/ffn/spectral/lambda/1.0.sh",
+                "mmlu": "exp/mmlu/block/ffn/spectral/lambda/0.5.sh",
+            },
+        ),
+        Row(
+            "block_ffn_fgr",
+            "+ block + fine-grained routing",
+            _block(),
+            group_size=2048,
+            released=_both("block/ffn/fgr/g2048.sh"),
+        ),
+        Row(
+            "mtlora_full",
+            "mtLoRA (block + spectral + FGR)",
+            _block(),
+            spectral=True,
+            group_size=2048,
+            released=_both("block/ffn/spectral+fgr/g2048.sh"),
+        ),
+    ]
+
+
+def _table3_rows() -> list[Row]:
+    """Table 3: block FFN + fine-grained routing over the group sizes."""
+    return [
+        Row(
+            f"fgr_g{g}",
+            f"block FFN + FGR gs={g}",
+            _block(),
+            group_size=g,
+            released=_both(f"block/ffn/fgr/g{g}.sh"),
+        )
+        for g in (4096, 2048, 512, 256, 128)
+    ]
+
+
+def _table4_rows() -> list[Row]:
+    """Table 4: component q,v against block attention / FFN / both."""
+    return [
+        Row("component_qv", "component (q,v)", HYDRA, released=_both("component/0_baseline.sh")),
+        Row(
+            "block_attention",
+            "block attention",
+            _block("attention"),
+            released=_both("block/position/attn.sh"),
+        ),
+        Row("block_ffn", "block FFN", _block("ffn"), released=_both("block/position/ffn.sh")),
+        Row(
+            "block_both",
+            "block attention + FFN",
+            _block("both"),
+            released=_both("block/position/both.sh"),
+        ),
+    ]
+
+
+def _tableS7_rows() -> list[Row]:
+    """Table S7: LLaMA-2-13B; the released 3_llama13b.sh trains Dolly-15k -> MMLU only: BBH is extra."""
+    return [
+        Row(
+            "hydralora_13b",
+            "HydraLoRA (component q,v)",
+            HYDRA,
+            released={"mmlu": "exp/llama13/0_baseline.sh"},
+        ),
+        Row("block_ffn_13b", "block FFN", _block(), released={"mmlu": "exp/llama13/1_block_ffn.sh"}),
+        Row(
+            "block_ffn_fgr_13b",
+            "block FFN + FGR gs=2560",
+            _block(),
+            group_size=2560,
+            released={"mmlu": "exp/llama13/2_fgr_g2048.sh"},
+        ),
+    ]
+
+
+#: The rows of each table (the paper's order).
+TABLE_ROWS = {
+    "table1": _table1_rows,
+    "table2": _table2_rows,
+    "table3": _table3_rows,
+    "table4": _table4_rows,
+    "tableS7": _tableS7_rows,
+}
+
+
 def table_rows(table: str) -> list[Row]:
-    if table == "table1":  # no released script: every run is extra
-        return [
-            Row(
-                "lorahub",
-                "LoRAHub (per-task LoRAs, composed)",
-                ["--method", "lorahub", "--target_modules", "q_proj,v_proj"],
-            ),
-            Row(
-                "mmoelora",
-                "MMoELoRA (task-id gated)",
-                ["--method", "mmoelora", "--target_modules", "q_proj,v_proj"],
-            ),
-            Row("hydralora", "HydraLoRA", HYDRA),
-            Row("mtlora_full", "mtLoRA (block + spectral + FGR)", _block(), spectral=True, group_size=2048),
-        ]
-    if table == "table2":
-        ffn = {s: f"exp/{s}/block/ffn/0_baseline.sh -> exp/{s}/block/position/ffn.sh" for s in SETUPS}
-        return [
-            Row("hydralora", "HydraLoRA (component q,v)", HYDRA, released=_both("component/0_baseline.sh")),
-            Row("block_ffn", "+ block-level (FFN)", _block(), released=ffn),
-            Row(
-                "block_ffn_spectral",
-                "+ block + spectral reg.",
-                _block(),
-                spectral=True,
-                released={
-                    "bbh": "exp/bbh/block/ffn/spectral/lambda/1.0.sh",
-                    "mmlu": "exp/mmlu/block/ffn/spectral/lambda/0.5.sh",
-                },
-            ),
-            Row(
-                "block_ffn_fgr",
-                "+ block + fine-grained routing",
-                _block(),
-                group_size=2048,
-                released=_both("block/ffn/fgr/g2048.sh"),
-            ),
-            Row(
-                "mtlora_full",
-                "mtLoRA (block + spectral + FGR)",
-                _block(),
-                spectral=True,
-                group_size=2048,
-                released=_both("block/ffn/spectral+fgr/g2048.sh"),
-            ),
-        ]
-    if table == "table3":
-        return [
-            Row(
-                f"fgr_g{g}",
-                f"block FFN + FGR gs={g}",
-                _block(),
-                group_size=g,
-                released=_both(f"block/ffn/fgr/g{g}.sh"),
-            )
-            for g in (4096, 2048, 512, 256, 128)
-        ]
-    if table == "table4":
-        return [
-            Row("component_qv", "component (q,v)", HYDRA, released=_both("component/0_baseline.sh")),
-            Row(
-                "block_attention",
-                "block attention",
-                _block("attention"),
-                released=_both("block/position/attn.sh"),
-            ),
-            Row("block_ffn", "block FFN", _block("ffn"), released=_both("block/position/ffn.sh")),
-            Row(
-                "block_both",
-                "block attention + FFN",
-                _block("both"),
-                released=_both("block/position/both.sh"),
-            ),
-        ]
-    if table == "tableS7":  # the released 3_llama13b.sh trains Dolly-15k -> MMLU only: BBH is extra
-        return [
-            Row(
-                "hydralora_13b",
-                "HydraLoRA (component q,v)",
-                HYDRA,
-                released={"mmlu": "exp/llama13/0_baseline.sh"},
-            ),
-            Row("block_ffn_13b", "block FFN", _block(), released={"mmlu": "exp/llama13/1_block_ffn.sh"}),
-            Row(
-                "block_ffn_fgr_13b",
-                "block FFN + FGR gs=2560",
-                _block(),
-                group_size=2560,
-                released={"mmlu": "exp/llama13/2_fgr_g2048.sh"},
-            ),
-        ]
-    raise MtLoraError(f"unknown table {table!r}")
+    """The configurations (rows) of ``table``, each with its flags and the released scripts that train it."""
+    if table not in TABLE_ROWS:
+        raise MtLoraError(f"unknown table {table!r}")
+    return TABLE_ROWS[table]()
 
 
 def released_layout(table: str, setup: str, row: Row) -> Layout:
@@ -273,13 +301,11 @@ SETUPS = {
 
 
 def _hidden_size(model: str) -> int:
-    from transformers import AutoConfig
-
-    from mtlora.hub import resolve_model_path
+    """The model's hidden size from its config alone (group sizes scale with it)."""
+    from mtlora.hub import load_config
 
     # explicit: unset, transformers would ask [y/N] on stdin for a model with custom code
-    cfg = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=False)
-    return int(cfg.get_text_config().hidden_size)
+    return int(load_config(model, trust_remote_code=False).get_text_config().hidden_size)
 
 
 def build_commands(
@@ -394,23 +420,12 @@ def _run_train(argv: list[str], num_gpus: int) -> None:
 
 def _manifest(run_dir: Path) -> dict[str, Any]:
     """The run manifest, or (LoRAHub, which composes rather than trains one adapter) counts from the adapter."""
+    from mtlora.hub import adapter_num_parameters
+
     path = run_dir / "run_manifest.json"
     if path.is_file():
         return json.loads(path.read_text())
-    from safetensors import safe_open
-
-    n = 0
-    with safe_open(str(run_dir / "sft_lora_model" / "adapter_model.safetensors"), framework="pt") as f:
-        for k in f.keys():
-            n += _prod(f.get_slice(k).get_shape())
-    return {"trainable_params": n, "total_params": None}
-
-
-def _prod(shape: list[int]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
+    return {"trainable_params": adapter_num_parameters(run_dir), "total_params": None}
 
 
 def _accuracy(run_dir: Path, bench: str) -> float | None:
@@ -423,8 +438,68 @@ def _accuracy(run_dir: Path, bench: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _run_row(
+    args: argparse.Namespace, row: Row, setup: str, run_dir: Path, cmds: dict[str, Any]
+) -> dict[str, Any]:
+    """Train and evaluate one configuration, or reuse its ``result.json`` when the configuration is unchanged."""
+    from mtlora.evaluation.cli import run as eval_run
+
+    bench = cmds["benchmark"][0]
+    layout: Layout = cmds["layout"]
+    h = config_hash(cmds)
+    result_file = run_dir / "result.json"
+    if result_file.is_file() and json.loads(result_file.read_text()).get("config_hash") == h:
+        print(f"[skip] {args.table}/{setup}/{row.id}: done (config {h})", flush=True)
+        return json.loads(result_file.read_text())
+    print(f"[run] {args.table}/{setup}/{row.id} (config {h})", flush=True)
+    t0 = time.time()
+    _run_train(cmds["train"], layout.processes)
+    t_train = time.time() - t0
+    rc = eval_run(bench, cmds["eval"], prog=f"eval_{bench}.py")
+    if rc:
+        raise MtLoraError(f"evaluation of {run_dir} failed with exit code {rc}")
+    manifest = _manifest(run_dir)
+    res = {
+        "config_hash": h,
+        "table": args.table,
+        "setup": setup,
+        "row": row.id,
+        "label": row.label,
+        "extra": row.is_extra(setup),
+        "released_script": row.released.get(setup),
+        "provenance": provenance(args.table, setup, row),
+        "batch": {
+            "per_device": layout.per_device,
+            "gradient_accumulation": layout.grad_accum,
+            "processes": layout.processes,
+            "effective": layout.effective,
+        },
+        "train_command": _shell("train.py", cmds["train"], layout.processes),
+        "eval_command": _shell(f"eval_{bench}.py", cmds["eval"], 1),
+        "trainable_params": manifest["trainable_params"],
+        "total_params": manifest["total_params"],
+        "train_seconds": round(t_train, 2),
+        "accuracy": _accuracy(run_dir, bench),
+        "protocol": args.protocol,
+    }
+    result_file.write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def _print_row(args: argparse.Namespace, row: Row, setup: str, cmds: dict[str, Any]) -> None:
+    """``--dry-run``: the row's provenance and batch as a comment, then its train and eval command lines."""
+    layout: Layout = cmds["layout"]
+    bench = cmds["benchmark"][0]
+    print(
+        f"# {args.table} {setup} {row.id}: {provenance(args.table, setup, row)}; batch "
+        f"{layout.per_device}x{layout.grad_accum}x{layout.processes} = {layout.effective}"
+    )
+    print(_shell("train.py", cmds["train"], layout.processes))
+    print(_shell(f"eval_{bench}.py", cmds["eval"], 1))
+
+
 def run_table(args: argparse.Namespace) -> dict[str, Any]:
-    rows = table_rows(args.table)
+    """Every row of ``args.table`` in every setup: printed (``--dry-run``) or run; returns ``results.json``."""
     out = Path(args.output_dir) / args.table
     hidden = (
         PAPER_HIDDEN["13b" if args.table == "tableS7" else "7b"]
@@ -437,7 +512,7 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
         "protocol": args.protocol,
         "rows": [],
     }
-    for row in rows:
+    for row in table_rows(args.table):
         entry: dict[str, Any] = {
             "id": row.id,
             "label": row.label,
@@ -447,58 +522,10 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
         for setup in args.setups:
             run_dir = out / setup / row.id
             cmds = build_commands(row, setup, args, run_dir, hidden)
-            bench = cmds["benchmark"][0]
-            layout: Layout = cmds["layout"]
-            h = config_hash(cmds)
-            train_line = _shell("train.py", cmds["train"], layout.processes)
-            eval_line = _shell(f"eval_{bench}.py", cmds["eval"], 1)
             if args.dry_run:
-                print(
-                    f"# {args.table} {setup} {row.id}: {provenance(args.table, setup, row)}; batch "
-                    f"{layout.per_device}x{layout.grad_accum}x{layout.processes} = {layout.effective}"
-                )
-                print(train_line)
-                print(eval_line)
+                _print_row(args, row, setup, cmds)
                 continue
-            result_file = run_dir / "result.json"
-            if result_file.is_file() and json.loads(result_file.read_text()).get("config_hash") == h:
-                res = json.loads(result_file.read_text())
-                print(f"[skip] {args.table}/{setup}/{row.id}: done (config {h})", flush=True)
-            else:
-                print(f"[run] {args.table}/{setup}/{row.id} (config {h})", flush=True)
-                t0 = time.time()
-                _run_train(cmds["train"], layout.processes)
-                t_train = time.time() - t0
-                from mtlora.evaluation.cli import run as eval_run
-
-                rc = eval_run(bench, cmds["eval"], prog=f"eval_{bench}.py")
-                if rc:
-                    raise MtLoraError(f"evaluation of {run_dir} failed with exit code {rc}")
-                manifest = _manifest(run_dir)
-                res = {
-                    "config_hash": h,
-                    "table": args.table,
-                    "setup": setup,
-                    "row": row.id,
-                    "label": row.label,
-                    "extra": row.is_extra(setup),
-                    "released_script": row.released.get(setup),
-                    "provenance": provenance(args.table, setup, row),
-                    "batch": {
-                        "per_device": layout.per_device,
-                        "gradient_accumulation": layout.grad_accum,
-                        "processes": layout.processes,
-                        "effective": layout.effective,
-                    },
-                    "train_command": train_line,
-                    "eval_command": eval_line,
-                    "trainable_params": manifest["trainable_params"],
-                    "total_params": manifest["total_params"],
-                    "train_seconds": round(t_train, 2),
-                    "accuracy": _accuracy(run_dir, bench),
-                    "protocol": args.protocol,
-                }
-                result_file.write_text(json.dumps(res, indent=2) + "\n")
+            res = _run_row(args, row, setup, run_dir, cmds)
             entry[setup] = res["accuracy"]
             entry["trainable_params"] = res["trainable_params"]
             entry["total_params"] = res["total_params"]
@@ -545,6 +572,54 @@ def _check_released_launch(args: argparse.Namespace) -> None:
         )
 
 
+def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Table aliases, the setups list and the defaults that depend on ``--smoke``; refuses what cannot run."""
+    table = TABLE_ALIASES.get(args.table) or TABLE_ALIASES.get(args.table.lower())
+    if table is None:
+        raise MtLoraError(
+            f"unknown table {args.table!r}; choose from table1, table2, table3, table4, tableS7"
+        )
+    args.table = table
+    args.setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    bad = set(args.setups) - set(SETUPS)
+    if bad:
+        raise MtLoraError(f"--setups: unknown setup(s) {', '.join(sorted(bad))}; choose from bbh, mmlu")
+    if args.smoke:
+        args.model_name_or_path = args.model_name_or_path or "mtlora:stories260k"
+        args.flan_dir = args.flan_dir or str(ASSETS / "flan_cot_sample")
+        args.dolly_dir = args.dolly_dir or str(ASSETS / "dolly_sample")
+        args.device = args.device or "cpu"
+    else:
+        args.model_name_or_path = args.model_name_or_path or (
+            "./data/llama-2-13b" if table == "tableS7" else "./data/llama-2-7b"
+        )
+        args.flan_dir = args.flan_dir or "./data/flan_v2_subset"
+        args.dolly_dir = args.dolly_dir or "./data/dolly-15k-converted"
+        if not args.dry_run:
+            for flag, path in (("--flan_dir", args.flan_dir), ("--dolly_dir", args.dolly_dir)):
+                setup = "bbh" if flag == "--flan_dir" else "mmlu"
+                if setup in args.setups and not Path(path).is_dir():
+                    raise MtLoraError(
+                        f"{flag} {path}: not found (convert the data with `mtlora data ...`, see README)"
+                    )
+    if args.num_gpus is not None and args.num_gpus < 1:
+        raise MtLoraError(f"--num_gpus {args.num_gpus}: must be >= 1")
+    return args
+
+
+def _write_table(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """``table.md`` and ``results.json`` in ``--output_dir/<table>``; the table on stdout."""
+    table_md = format_table(results, args.setups)
+    out = Path(args.output_dir) / args.table
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table_md + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(
+        f"\n{args.table} ({'smoke, tiny model' if args.smoke else args.model_name_or_path}, protocol={args.protocol})\n"
+    )
+    print(table_md)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="mtlora repro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -586,49 +661,10 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--paper_faithful", action="store_true", help="the released code's behaviour where it differs"
     )
-    args = p.parse_args(argv)
-    table = TABLE_ALIASES.get(args.table) or TABLE_ALIASES.get(args.table.lower())
-    if table is None:
-        raise MtLoraError(
-            f"unknown table {args.table!r}; choose from table1, table2, table3, table4, tableS7"
-        )
-    args.table = table
-    args.setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    bad = set(args.setups) - set(SETUPS)
-    if bad:
-        raise MtLoraError(f"--setups: unknown setup(s) {', '.join(sorted(bad))}; choose from bbh, mmlu")
-    if args.smoke:
-        args.model_name_or_path = args.model_name_or_path or "mtlora:stories260k"
-        args.flan_dir = args.flan_dir or str(ASSETS / "flan_cot_sample")
-        args.dolly_dir = args.dolly_dir or str(ASSETS / "dolly_sample")
-        args.device = args.device or "cpu"
-    else:
-        args.model_name_or_path = args.model_name_or_path or (
-            "./data/llama-2-13b" if table == "tableS7" else "./data/llama-2-7b"
-        )
-        args.flan_dir = args.flan_dir or "./data/flan_v2_subset"
-        args.dolly_dir = args.dolly_dir or "./data/dolly-15k-converted"
-        if not args.dry_run:
-            for flag, path in (("--flan_dir", args.flan_dir), ("--dolly_dir", args.dolly_dir)):
-                setup = "bbh" if flag == "--flan_dir" else "mmlu"
-                if setup in args.setups and not Path(path).is_dir():
-                    raise MtLoraError(
-                        f"{flag} {path}: not found (convert the data with `mtlora data ...`, see README)"
-                    )
-    if args.num_gpus is not None and args.num_gpus < 1:
-        raise MtLoraError(f"--num_gpus {args.num_gpus}: must be >= 1")
+    args = _resolve_args(p.parse_args(argv))
     if not args.dry_run and not args.smoke and args.num_gpus is None:
         _check_released_launch(args)
     results = run_table(args)
-    if args.dry_run:
-        return 0
-    table_md = format_table(results, args.setups)
-    out = Path(args.output_dir) / args.table
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table_md + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(
-        f"\n{args.table} ({'smoke, tiny model' if args.smoke else args.model_name_or_path}, protocol={args.protocol})\n"
-    )
-    print(table_md)
+    if not args.dry_run:
+        _write_table(args, results)
     return 0

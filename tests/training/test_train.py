@@ -234,6 +234,32 @@ def test_train_py_contract_and_errors(dolly_dir: Path, tmp_path: Path) -> None:
         assert flag in helptext.stdout
 
 
+def test_peft_path_continues_the_saved_adapter(dolly_dir: Path, tmp_path: Path) -> None:
+    """``--peft_path`` (through mtlora.hub.attach_adapter) starts from the saved weights, trainable: with a zero
+    learning rate the continued run saves them back bit for bit; another --method is refused up front."""
+    from safetensors.torch import load_file
+
+    from mtlora.errors import ConfigError
+
+    first = train(*parse_train_args(_argv(dolly_dir, tmp_path / "a", "--method", "hydralora", "--lora_nums", "2",
+                                          "--max_steps", "2", "--learning_rate", "3e-3")))  # fmt: skip
+    argv = _argv(dolly_dir, tmp_path / "b", "--method", "hydralora", "--lora_nums", "2", "--max_steps", "1",
+                 "--learning_rate", "0", "--peft_path", str(first))  # fmt: skip
+    again = train(*parse_train_args(argv))
+    before, after = (
+        load_file(str(first / "adapter_model.safetensors")),
+        load_file(str(again / "adapter_model.safetensors")),
+    )
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    manifest = json.loads((tmp_path / "b" / "run_manifest.json").read_text())
+    assert manifest["trainable_params"] == sum(t.numel() for t in before.values())
+    other = _argv(
+        dolly_dir, tmp_path / "c", "--method", "lora", "--max_steps", "1", "--peft_path", str(first)
+    )
+    with pytest.raises(ConfigError, match=r"--peft_path .*: adapter method 'hydralora' != --method 'lora'"):
+        train(*parse_train_args(other))
+
+
 @pytest.mark.skipif(
     shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
     reason="torchrun missing",

@@ -17,6 +17,7 @@ import gc
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -129,114 +130,157 @@ def _labels(args: argparse.Namespace) -> list[tuple[str, str]]:
     return list(zip(dirs, labels))
 
 
+@dataclass
+class _Outputs:
+    """What the analyses of one ``mtlora analyze`` run produced: files, skipped parts, results to compare."""
+
+    written: dict[str, Path] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    spectral: list[dict[str, Any]] = field(default_factory=list)
+    gradients: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, prefix: str, files: dict[str, Path]) -> None:
+        self.written.update({prefix + k: v for k, v in files.items()})
+
+
+def _run_spectral(
+    args: argparse.Namespace, adapter_dir: str, label: str, sub: Path, prefix: str, acc: _Outputs
+) -> None:
+    """Fig. S2 / 1B from the adapter's weights alone; with ``all``, a rank below 3 skips it (no three SV bands)."""
+    from mtlora.analysis import spectral
+
+    try:
+        res, files = spectral.run_spectral(
+            adapter_dir, sub, label=label, layer=args.layer, module_filter=args.module
+        )
+    except MtLoraError as exc:
+        if args.analysis != "all":
+            raise
+        acc.skipped[f"{label}: spectral"] = str(exc)
+    else:
+        acc.spectral.append(res)
+        acc.add(prefix, files)
+
+
+def _load_with_data(args: argparse.Namespace, adapter_dir: str, label: str) -> tuple[Any, Any]:
+    """``(loaded adapter, per-task batches)`` for the analyses that run the model."""
+    from mtlora.analysis.common import load_adapter, prepare_task_batches
+
+    loaded = load_adapter(
+        adapter_dir,
+        args.model_name_or_path,
+        device=args.device,
+        dtype=args.dtype,
+        label=label,
+        quantization=quantization_from_args(args),
+        trust_remote_code=args.trust_remote_code,
+    )
+    data = prepare_task_batches(
+        args.data,
+        loaded.tokenizer,
+        loaded.task_map,
+        max_examples=args.max_examples,
+        max_seq_length=args.max_seq_length,
+        template=args.template,
+        seed=args.seed,
+        known_tasks_only=loaded.needs_task_ids,
+    )
+    logger.info("%s: %d tasks, examples per task %s", label, data.num_tasks, data.num_examples())
+    return loaded, data
+
+
+def _run_routing(
+    args: argparse.Namespace, loaded: Any, data: Any, sub: Path, prefix: str, acc: _Outputs, args_adapter: str
+) -> None:
+    """Fig. 1A / S4 for a routed adapter; an unrouted one is an error for ``routing``, skipped for ``all``."""
+    from mtlora.analysis import routing
+
+    if any(a.router.is_routed for _, a in loaded.named_adapters(args.module)):
+        files = routing.run_routing(
+            loaded,
+            data,
+            sub,
+            batch_size=args.batch_size,
+            tokens=args.tokens,
+            layer=args.layer,
+            module_filter=args.module,
+        )
+        acc.add(prefix, files)
+    elif args.analysis == "routing":
+        raise MtLoraError(
+            f"--adapter {loaded.adapter_dir}: method {loaded.method!r} has no router to analyse"
+        )
+    else:
+        acc.skipped[f"{loaded.label}: routing"] = f"method {loaded.method} has no router"
+
+
+def _run_gradients(
+    args: argparse.Namespace, loaded: Any, data: Any, sub: Path, prefix: str, acc: _Outputs
+) -> None:
+    """Fig. 1C / S3 (needs two tasks: an error for ``gradients``, skipped for ``all``)."""
+    from mtlora.analysis import gradients
+
+    if data.num_tasks >= 2:
+        res, files = gradients.run_gradients(
+            loaded,
+            data,
+            sub,
+            batch_size=args.batch_size,
+            num_batches=args.grad_batches,
+            module_filter=args.module,
+        )
+        acc.gradients.append(res)
+        acc.add(prefix, files)
+    elif args.analysis == "gradients":
+        raise MtLoraError(f"--data {args.data}: gradient similarity needs at least two tasks")
+    else:
+        acc.skipped[f"{loaded.label}: gradients"] = "the data has fewer than two tasks"
+
+
 def run(args: argparse.Namespace) -> dict[str, Path]:
     """Run the requested analyses; returns every written file by its path relative to ``--output_dir``."""
     import torch
 
-    from mtlora.analysis import gradients, routing, spectral
-    from mtlora.analysis.common import load_adapter, prepare_task_batches
+    from mtlora.analysis import gradients, spectral
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pairs = _labels(args)
     todo = {"routing", "spectral", "gradients"} if args.analysis == "all" else {args.analysis}
-    written: dict[str, Path] = {}
-    spec_results: list[dict[str, Any]] = []
-    grad_results: list[dict[str, Any]] = []
-    skipped: dict[str, str] = {}
-
+    acc = _Outputs()
     for adapter_dir, label in pairs:
         sub = out / label if len(pairs) > 1 else out
         prefix = f"{label}/" if len(pairs) > 1 else ""
         if "spectral" in todo:
-            try:
-                res, files = spectral.run_spectral(
-                    adapter_dir, sub, label=label, layer=args.layer, module_filter=args.module
-                )
-            except MtLoraError as exc:  # e.g. an expert rank below 3 has no three SV bands
-                if args.analysis != "all":
-                    raise
-                skipped[f"{label}: spectral"] = str(exc)
-            else:
-                spec_results.append(res)
-                written.update({prefix + k: v for k, v in files.items()})
+            _run_spectral(args, adapter_dir, label, sub, prefix, acc)
         if not todo & {"routing", "gradients"}:
             continue
-        loaded = load_adapter(
-            adapter_dir,
-            args.model_name_or_path,
-            device=args.device,
-            dtype=args.dtype,
-            label=label,
-            quantization=quantization_from_args(args),
-            trust_remote_code=args.trust_remote_code,
-        )
-        data = prepare_task_batches(
-            args.data,
-            loaded.tokenizer,
-            loaded.task_map,
-            max_examples=args.max_examples,
-            max_seq_length=args.max_seq_length,
-            template=args.template,
-            seed=args.seed,
-            known_tasks_only=loaded.needs_task_ids,
-        )
-        logger.info("%s: %d tasks, examples per task %s", label, data.num_tasks, data.num_examples())
+        loaded, data = _load_with_data(args, adapter_dir, label)
         if "routing" in todo:
-            if any(a.router.is_routed for _, a in loaded.named_adapters(args.module)):
-                files = routing.run_routing(
-                    loaded,
-                    data,
-                    sub,
-                    batch_size=args.batch_size,
-                    tokens=args.tokens,
-                    layer=args.layer,
-                    module_filter=args.module,
-                )
-                written.update({prefix + k: v for k, v in files.items()})
-            elif args.analysis == "routing":
-                raise MtLoraError(
-                    f"--adapter {adapter_dir}: method {loaded.method!r} has no router to analyse"
-                )
-            else:
-                skipped[f"{label}: routing"] = f"method {loaded.method} has no router"
+            _run_routing(args, loaded, data, sub, prefix, acc, adapter_dir)
         if "gradients" in todo:
-            if data.num_tasks >= 2:
-                res, files = gradients.run_gradients(
-                    loaded,
-                    data,
-                    sub,
-                    batch_size=args.batch_size,
-                    num_batches=args.grad_batches,
-                    module_filter=args.module,
-                )
-                grad_results.append(res)
-                written.update({prefix + k: v for k, v in files.items()})
-            elif args.analysis == "gradients":
-                raise MtLoraError(f"--data {args.data}: gradient similarity needs at least two tasks")
-            else:
-                skipped[f"{label}: gradients"] = "the data has fewer than two tasks"
+            _run_gradients(args, loaded, data, sub, prefix, acc)
         del loaded
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    if len(spec_results) == 2:
+    if len(acc.spectral) == 2:
         try:
-            written.update(spectral.run_spectral_comparison(*spec_results, out))
+            acc.written.update(spectral.run_spectral_comparison(*acc.spectral, out))
         except MtLoraError as exc:
-            skipped["spectral comparison"] = str(exc)
-    if len(grad_results) == 2:
-        written.update(gradients.run_gradient_comparison(*grad_results, out))
+            acc.skipped["spectral comparison"] = str(exc)
+    if len(acc.gradients) == 2:
+        acc.written.update(gradients.run_gradient_comparison(*acc.gradients, out))
     summary = {
         "analysis": args.analysis,
         "adapters": {label: str(d) for d, label in pairs},
         "data": args.data,
-        "files": sorted(written),
-        "skipped": skipped,
+        "files": sorted(acc.written),
+        "skipped": acc.skipped,
     }
     write_text_atomic(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
-    return written
+    return acc.written
 
 
 def main(argv: list[str]) -> int:

@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
+from mtlora import hub
 from mtlora.atomic import atomic_file, write_text_atomic
 from mtlora.errors import DataError, MtLoraError
+from mtlora.hub import Loaded, load_model
 
 logger = logging.getLogger("mtlora.analysis")
 
@@ -137,35 +139,12 @@ def annotate_cells(ax: Any, values: Any, im: Any, fmt: str = "{:.2f}", max_cells
 # ----------------------------------------------------------------------------------------------- loading
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     """An mtlora adapter's config (a plain peft adapter is an error: the analyses need experts and routers)."""
-    from mtlora.hub import read_adapter_config as read_config
-
-    return read_config(adapter_dir, mtlora_only=True)
+    return hub.read_adapter_config(adapter_dir, mtlora_only=True)
 
 
-@dataclass
-class LoadedAdapter:
-    """An adapted model ready for analysis (eval mode: no dropout), with what the analyses need to know."""
-
-    model: Any  # mtlora.model.MtLoraModel
-    tokenizer: Any
-    adapter_dir: Path
-    config: dict[str, Any]
-    task_map: dict[str, int]
-    device: torch.device
-    label: str
-
-    @property
-    def method(self) -> str:
-        return str(self.config.get("method"))
-
-    @property
-    def needs_task_ids(self) -> bool:
-        from mtlora.model import needs_task_ids
-
-        return needs_task_ids(self.model)
-
-    def named_adapters(self, module_filter: str | None = None) -> list[tuple[str, Any]]:
-        return [(n, a) for n, a in self.model.named_adapters() if not module_filter or module_filter in n]
+#: What :func:`load_adapter` returns: :class:`mtlora.hub.Loaded` (``config``, ``label``, ``needs_task_ids`` and
+#: ``named_adapters`` are there for the analyses; ``device`` is the device's name, as ``.to()`` takes it).
+LoadedAdapter = Loaded
 
 
 def default_label(config: Mapping[str, Any], fallback: str) -> str:
@@ -193,8 +172,6 @@ def load_adapter(
     trained folder analyses with no other flag. fp32 on CPU (bf16 matmuls are slow there), bf16 on GPU.
     ``quantization`` (:class:`mtlora.quant.Quantization`) loads a 4/8-bit base (``--load_in_kbits``).
     """
-    from mtlora.hub import load_model
-
     loaded = load_model(
         model_name_or_path,
         adapter_dir,
@@ -205,16 +182,9 @@ def load_adapter(
         quantization=quantization,
         trust_remote_code=trust_remote_code,
     )
-    assert loaded.adapter_dir is not None and loaded.adapter_config is not None
-    return LoadedAdapter(
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        adapter_dir=loaded.adapter_dir,
-        config=loaded.adapter_config,
-        task_map=loaded.task_map,
-        device=torch.device(loaded.device),
-        label=label or default_label(loaded.adapter_config, loaded.adapter_dir.name),
-    )
+    assert loaded.adapter_dir is not None
+    loaded.label = label or default_label(loaded.config, loaded.adapter_dir.name)
+    return loaded
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -16,7 +16,8 @@ the rank). With the thin SVD :math:`B_e = U_e Σ_e V_eᵀ`, singular values :mat
   alignment measure, named "conflict" in the paper.
 * **SV importance** of band b: :math:`100 · \sum_{k∈b} σ_k / \sum_k σ_k`, averaged over experts and adapters.
 
-These need only the adapter weights, so they read ``adapter_model.safetensors`` directly (no base model).
+These need only the adapter weights, so they read ``adapter_model.safetensors`` alone
+(:func:`mtlora.hub.read_adapter_tensors`; no base model).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from mtlora.analysis.common import (
     short_name,
     write_json,
 )
-from mtlora.config import MtLoraConfig
+from mtlora.config import WEIGHTS_NAME, MtLoraConfig
 from mtlora.errors import CheckpointError, MtLoraError
+from mtlora.hub import read_adapter_tensors, resolve_adapter_dir
 
 BAND_FRACTIONS = (0.0, 0.2, 0.5, 1.0)
 BAND_NAMES = ("top 0-20%", "mid 20-50%", "tail 50-100%")
@@ -69,21 +71,17 @@ def expert_weight(sv: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- weights
 def experts_from_adapter_dir(adapter_dir: str | Path) -> dict[str, list[torch.Tensor]]:
     """``{adapter name: [B_e (d_out, r_e) for each expert]}`` read from the safetensors file, in file order."""
-    from safetensors.torch import load_file
-
-    cfg = read_adapter_config(adapter_dir)
-    path = Path(adapter_dir) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{adapter_dir}: no adapter_model.safetensors")
-    tensors = load_file(str(path))
-    config = MtLoraConfig.from_dict(cfg, source=str(Path(adapter_dir) / "adapter_config.json"))
+    folder = resolve_adapter_dir(adapter_dir)
+    cfg = read_adapter_config(folder)
+    tensors = read_adapter_tensors(folder)
+    config = MtLoraConfig.from_dict(cfg, source=str(folder / "adapter_config.json"))
     router = config.router_class  # knows its B layout (MMoELoRA: experts own column blocks of one B)
     experts: dict[str, list[torch.Tensor]] = {}
     for key in sorted(k for k in tensors if k.endswith(_B_SUFFIX)):
         view = router.experts_view(tensors[key].float(), config.num_experts)  # (d_out, E, r_e)
         experts[key[: -len(_B_SUFFIX)]] = [view[:, i] for i in range(view.shape[1])]
     if not experts:
-        raise CheckpointError(f"{path}: no '*{_B_SUFFIX}' tensors (not an mtlora adapter)")
+        raise CheckpointError(f"{folder / WEIGHTS_NAME}: no '*{_B_SUFFIX}' tensors (not an mtlora adapter)")
     return dict(sorted(experts.items(), key=lambda kv: _natural_key(kv[0])))
 
 

@@ -6,10 +6,11 @@ task-name -> id map"; loading itself is shared with analysis, export and the dem
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtlora.hub import read_adapter_config, resolve_adapter_dir
+from mtlora.hub import Loaded, load_config, load_model, read_adapter_config, resolve_adapter_dir
 
 __all__ = [
     "LoadedModel",
@@ -22,22 +23,29 @@ __all__ = [
 
 
 @dataclass
-class LoadedModel:
-    model: Any  # HF causal LM or a wrapper with the same forward signature
-    tokenizer: Any
-    device: str
-    dtype: str
-    model_name_or_path: str
-    lora_checkpoint: str | None = None
-    adapter_method: str | None = None  # lora / hydralora / mmoelora / mtlora / peft:<TYPE>; None for the base
-    task_map: dict[str, int] = field(default_factory=dict)
-    needs_task_ids: bool = False
+class LoadedModel(Loaded):
+    """:class:`mtlora.hub.Loaded` plus the task-id bookkeeping the reports record.
+
+    ``lora_checkpoint``, ``adapter_method``, ``task_ids_used`` and ``task_id_fallbacks`` are keys of
+    ``*_results.json`` (:mod:`mtlora.evaluation.report`), kept under these names.
+    """
+
     forced_task_id: int | None = None
     task_ids_used: dict[str, int] = field(default_factory=dict)
     task_id_fallbacks: list[str] = field(default_factory=list)
     #: id used for tasks missing from the task map: 0 (what the paper's eval scripts pass), or the "general"
     #: id ``task_num`` of an adapter built with ``mmoelora_general_task`` (the released MMoELoRA's default)
     fallback_task_id: int = 0
+
+    @property
+    def lora_checkpoint(self) -> str | None:
+        """The adapter folder (``--lora_checkpoint``, resolved), None for the bare base."""
+        return str(self.adapter_dir) if self.adapter_dir is not None else None
+
+    @property
+    def adapter_method(self) -> str | None:
+        """lora / hydralora / mmoelora / mtlora / peft:<TYPE>; None for the bare base."""
+        return self.method
 
     def task_id_for(self, name: str) -> int | None:
         """Task id for an MMoELoRA adapter (None for every other method, which routes without one).
@@ -78,9 +86,6 @@ def load_model_for_eval(
       otherwise a ``peft_type`` means a plain peft adapter). An adapter that does not fit the base model
       raises :class:`CheckpointError` with the offending key and shapes (one line at the CLI).
     """
-    from mtlora.hub import load_model
-    from mtlora.model import needs_task_ids
-
     loaded = load_model(
         model_name_or_path,
         lora_checkpoint,
@@ -89,21 +94,10 @@ def load_model_for_eval(
         quantization=quantization,
         trust_remote_code=trust_remote_code,
     )
-    cfg = loaded.adapter_config or {}
-    needs = needs_task_ids(loaded.model)  # a task-gated router (MMoELoRA)
-    general = needs and bool(cfg.get("mmoelora_general_task"))
+    general = loaded.needs_task_ids and bool(loaded.config.get("mmoelora_general_task"))
+    fields = {f.name: getattr(loaded, f.name) for f in dataclasses.fields(Loaded)}
     return LoadedModel(
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        device=loaded.device,
-        dtype=loaded.dtype,
-        model_name_or_path=loaded.model_name_or_path,
-        lora_checkpoint=str(loaded.adapter_dir) if loaded.adapter_dir is not None else None,
-        adapter_method=loaded.method,
-        task_map=loaded.task_map,
-        needs_task_ids=needs,
-        forced_task_id=task_id,
-        fallback_task_id=int(cfg["task_num"]) if general else 0,
+        **fields, forced_task_id=task_id, fallback_task_id=int(loaded.config["task_num"]) if general else 0
     )
 
 
@@ -123,15 +117,9 @@ def _positions(config: Any) -> int | None:
 def config_max_positions(model_name_or_path: str, *, trust_remote_code: bool = False) -> int | None:
     """Positions of a model read from its config alone (no weights), or None when the config says nothing
     or cannot be read here (the model load then reports the problem)."""
-    from transformers import AutoConfig
-
-    from mtlora.hub import resolve_model_path
-
     try:
-        config = AutoConfig.from_pretrained(
-            resolve_model_path(model_name_or_path), trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError):
+        config = load_config(model_name_or_path, trust_remote_code=trust_remote_code)
+    except ValueError:  # ConfigError (unreadable, needs remote code) and transformers' own ValueErrors
         return None
     return _positions(config)
 

@@ -23,8 +23,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import pickle
 import platform
 import subprocess
 import time
@@ -153,87 +151,36 @@ def _compute_dtype(train_args: MtLoraTrainingArguments) -> torch.dtype:
     return torch.bfloat16 if train_args.bf16 else torch.float32
 
 
-def _looks_local(path: str) -> bool:
-    """A path the user meant as a folder (absolute, ./ ../ ~, or more than one /), not a hub id ``org/name``."""
-    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep in path[:1]
-
-
 def load_base_model(model_args: ModelArguments, train_args: MtLoraTrainingArguments) -> tuple[Any, Any]:
-    """(model, tokenizer) with the tokenizer defaulting to the model's (the paper code crashed without one).
+    """(model, tokenizer) through :func:`mtlora.hub.load_base`, the tokenizer defaulting to the model's (the paper
+    code crashed without one), the KV cache off, left on the CPU for the Trainer to place.
 
     With ``--load_in_kbits 4|8`` the base is quantized while loading onto this process's device and
     prepared for k-bit training (:mod:`mtlora.quant`); the Trainer then leaves it where it is.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from mtlora.hub import check_model_path, load_base
+    from mtlora.quant import from_args, prepare_for_kbit_training
 
-    from mtlora.hub import (
-        load_tokenizer,
-        refused_weights_message,
-        remote_code_message,
-        resolve_model_path,
-    )
-    from mtlora.quant import from_args, from_pretrained_kwargs, prepare_for_kbit_training
-
-    path = resolve_model_path(model_args.model_name_or_path)
-    if os.path.isdir(path) and not Path(path, "config.json").is_file():
-        raise ConfigError(f"--model_name_or_path {path}: no config.json in this folder")
-    if not os.path.isdir(path) and _looks_local(path):
-        raise ConfigError(f"--model_name_or_path {path}: no such folder")
-    hub = _hub_kwargs(model_args)
-    tok_path = model_args.tokenizer_name_or_path or model_args.tokenizer_name or path
-    try:
-        tokenizer = load_tokenizer(
-            tok_path,
-            use_fast=model_args.use_fast_tokenizer,
-            trust_remote_code=model_args.trust_remote_code,
-            **hub,
-        )
-    except OSError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        given = model_args.tokenizer_name_or_path or model_args.tokenizer_name
-        flag = "--tokenizer_name_or_path" if given else "--model_name_or_path"
-        raise ConfigError(f"{flag} {tok_path}: cannot load the tokenizer ({first})") from None
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc) and not model_args.trust_remote_code:
-            raise ConfigError(remote_code_message(str(tok_path))) from None
-        raise
-    attn = "flash_attention_2" if model_args.flash_attn else model_args.attn_implementation
-    kwargs: dict[str, Any] = {
-        "dtype": _base_dtype(model_args, train_args),
-        "trust_remote_code": model_args.trust_remote_code,
-        **hub,
-    }
-    if model_args.config_name:
-        try:
-            kwargs["config"] = AutoConfig.from_pretrained(
-                resolve_model_path(model_args.config_name),
-                trust_remote_code=model_args.trust_remote_code,
-                **hub,
-            )
-        except OSError as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ConfigError(
-                f"--config_name {model_args.config_name}: cannot load a model config ({first})"
-            ) from None
-    if attn:
-        kwargs["attn_implementation"] = attn
-    if model_args.model_revision != "main":
-        kwargs["revision"] = model_args.model_revision
+    path = check_model_path(model_args.model_name_or_path)
     quant = from_args(model_args)
-    kwargs.update(from_pretrained_kwargs(quant, _compute_dtype(train_args), str(train_args.device)))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise ConfigError(f"--model_name_or_path {path}: cannot load the model ({exc})") from None
-    except pickle.UnpicklingError as exc:
-        raise ConfigError(refused_weights_message(path, exc)) from None
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc) and not model_args.trust_remote_code:
-            raise ConfigError(remote_code_message(path)) from None
-        raise
+    model, tokenizer = load_base(
+        path,
+        dtype=_base_dtype(model_args, train_args),
+        device=str(train_args.device),
+        quantization=quant,
+        compute_dtype=_compute_dtype(train_args),
+        trust_remote_code=model_args.trust_remote_code,
+        attn_implementation="flash_attention_2" if model_args.flash_attn else model_args.attn_implementation,
+        revision=model_args.model_revision,
+        config_name=model_args.config_name,
+        tokenizer_name_or_path=model_args.tokenizer_name_or_path or model_args.tokenizer_name,
+        use_fast_tokenizer=model_args.use_fast_tokenizer,
+        use_cache=False,
+        hub_kwargs=_hub_kwargs(model_args),
+    )
     if quant.enabled:
         model = prepare_for_kbit_training(model)
-    model.config.use_cache = False
+        model.config.use_cache = False
     return model, tokenizer
 
 
@@ -330,8 +277,6 @@ def _adalora_model(
     from mtlora.training.adalora import get_adalora_model
 
     if model_args.peft_path:
-        from peft import PeftModel
-
         from mtlora.hub import read_adapter_config
 
         cfg = read_adapter_config(model_args.peft_path)
@@ -340,7 +285,7 @@ def _adalora_model(
                 f"--peft_path {model_args.peft_path}: not an AdaLoRA adapter (method/peft_type "
                 f"{cfg.get('method', cfg.get('peft_type'))!r}) but --method adalora"
             )
-        return PeftModel.from_pretrained(model, model_args.peft_path, is_trainable=True)
+        return _attach_peft_path(model, model_args)
     targets = adapter.target_modules or default_target_modules(model)
     return get_adalora_model(model, adapter, train_args, num_examples, list(targets))
 
@@ -373,26 +318,69 @@ def save_final_adapter(model: Any, adapter_dir: Path, tokenizer: Any, task_map: 
         save_adapter(model, tmp, tokenizer, task_map)
 
 
-def train(
+def _attach_peft_path(model: Any, model_args: ModelArguments) -> Any:
+    """``--peft_path``: the saved adapter on the base, trainable (:func:`mtlora.hub.attach_adapter`)."""
+    from mtlora.hub import attach_adapter
+
+    peft_model, *_ = attach_adapter(
+        model,
+        model_args.peft_path,
+        trainable=True,
+        base_name=model_args.model_name_or_path,
+        flag="--peft_path",
+    )
+    return peft_model
+
+
+def _build_model(
+    model: Any,
     model_args: ModelArguments,
-    data_args: DataArguments,
     adapter: MtLoraConfig,
     train_args: MtLoraTrainingArguments,
-) -> Path:
-    """Run training; returns the adapter folder ``output_dir/sft_lora_model``."""
-    from transformers import set_seed
+    num_examples: int,
+    task_map: dict[str, int],
+) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
+    """``(adapted model, adapter record for run_config.json, trainer class, trainer kwargs)``.
 
-    from mtlora.data import DataCollatorForInstructions, load_task_map, save_task_map
-    from mtlora.model import MtLoraModel, get_mtlora_model
-    from mtlora.training.trainer import (
-        JsonlLogCallback,
-        MtLoraTrainer,
-        check_resume_config,
-        prepare_resume,
-        save_adapter,
-    )
+    New adapters come from ``adapter``; ``--peft_path`` continues a saved one (its method must match); AdaLoRA is
+    peft's model with its own trainer (:mod:`mtlora.training.adalora`).
+    """
+    from mtlora.model import get_mtlora_model
+    from mtlora.training.trainer import MtLoraTrainer
 
-    t0 = time.time()
+    if adapter.method == "adalora":
+        from mtlora.training.adalora import AdaLoraTrainer
+
+        peft_model = _adalora_model(model, model_args, adapter, train_args, num_examples)
+        record = {**adapter.to_dict(), "peft_config": peft_model.peft_config["default"].to_dict()}
+        return peft_model, record, AdaLoraTrainer, {}
+    if model_args.peft_path:
+        from mtlora.hub import read_adapter_config
+
+        saved = read_adapter_config(model_args.peft_path, mtlora_only=True).get("method")
+        if saved != adapter.method:
+            raise ConfigError(
+                f"--peft_path {model_args.peft_path}: adapter method {saved!r} != --method {adapter.method!r}"
+            )
+        peft_model = _attach_peft_path(model, model_args)
+    else:
+        peft_model = get_mtlora_model(model, adapter)
+        if adapter.enable_block_adapter and adapter.block_adapter_style == "adaptformer":
+            if adapter.adaptformer_init_scale == 0:
+                warnings.warn(
+                    "--adaptformer_init_scale 0 (the released default): with B = 0 every gradient of the "
+                    "adapter is exactly zero, so it will not train (mtlora's default is 0.1)",
+                    stacklevel=3,
+                )
+    return peft_model, peft_model.mtlora_config.to_dict(), MtLoraTrainer, {"task_map": task_map}
+
+
+def _prepare_output(
+    train_args: MtLoraTrainingArguments, adapter: MtLoraConfig
+) -> tuple[Path, Any, list[Path]]:
+    """``(output_dir, checkpoint to resume or None, log folders)``: checks, creates, and starts new logs afresh."""
+    from mtlora.training.trainer import prepare_resume
+
     if not torch.cuda.is_available():
         train_args.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
     check_output_dir(train_args)
@@ -407,6 +395,50 @@ def train(
     if not train_args.resume_from_checkpoint and train_args.should_save:
         for d in log_dirs:  # a new run starts its log afresh (a resumed one appends)
             (d / "train_log.jsonl").unlink(missing_ok=True)
+    return out, resume, log_dirs
+
+
+def _write_manifest(
+    out: Path, train_args: MtLoraTrainingArguments, result: Any, counts: dict[str, Any], seconds: float
+) -> None:
+    """``run_manifest.json``: versions, git hash, seed, data file hashes, sizes and timings of the run."""
+    manifest = {
+        "mtlora_version": __import__("mtlora").__version__,
+        "git_hash": _git_hash(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "peft": __import__("peft").__version__,
+        "seed": train_args.seed,
+        "world_size": train_args.world_size,
+        "data_files": {str(p): _file_sha256(p) for p in counts["data_files"] if p.is_file()},
+        "num_train_examples": counts["num_train_examples"],
+        "num_tasks": counts["num_tasks"],
+        "trainable_params": counts["trainable_params"],
+        "total_params": counts["total_params"],
+        "global_steps": result.global_step,
+        "train_loss": result.training_loss,
+        "seconds": round(seconds, 2),
+        "spectral_applications": counts["spectral_applications"],
+    }
+    write_text_atomic(out / "run_manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    adapter: MtLoraConfig,
+    train_args: MtLoraTrainingArguments,
+) -> Path:
+    """Run training; returns the adapter folder ``output_dir/sft_lora_model``."""
+    from transformers import set_seed
+
+    from mtlora.data import DataCollatorForInstructions, load_task_map, save_task_map
+    from mtlora.model_card import write_training_card
+    from mtlora.training.trainer import JsonlLogCallback, check_resume_config, save_adapter
+
+    t0 = time.time()
+    out, resume, log_dirs = _prepare_output(train_args, adapter)
     set_seed(train_args.seed)
     model, tokenizer = load_base_model(model_args, train_args)
     task_map = None
@@ -420,33 +452,9 @@ def train(
     )
     adapter.router_class.prepare_config(adapter, task_map)  # the task gate's task_num comes from the data
     adapter.base_model_name_or_path = model_args.model_name_or_path
-    trainer_cls: Any = MtLoraTrainer
-    trainer_kwargs: dict[str, Any] = {"task_map": task_map}
-    if adapter.method == "adalora":  # peft's AdaLoRA: a peft model and its own trainer (training/adalora.py)
-        from mtlora.training.adalora import AdaLoraTrainer
-
-        peft_model = _adalora_model(model, model_args, adapter, train_args, len(train_ds))
-        trainer_cls, trainer_kwargs = AdaLoraTrainer, {}
-        adapter_record = {**adapter.to_dict(), "peft_config": peft_model.peft_config["default"].to_dict()}
-    elif model_args.peft_path:
-        pm = MtLoraModel.from_pretrained(model, model_args.peft_path, is_trainable=True)
-        if pm.mtlora_config.method != adapter.method:
-            raise ConfigError(
-                f"--peft_path {model_args.peft_path}: adapter method {pm.mtlora_config.method!r} != --method {adapter.method!r}"
-            )
-        peft_model = pm
-    else:
-        peft_model = get_mtlora_model(model, adapter)
-        if adapter.enable_block_adapter and adapter.block_adapter_style == "adaptformer":
-            if adapter.adaptformer_init_scale == 0:
-                warnings.warn(
-                    "--adaptformer_init_scale 0 (the released default): with B = 0 every gradient of the "
-                    "adapter is exactly zero, so it will not train (mtlora's default is 0.1)",
-                    stacklevel=2,
-                )
-    if adapter.method != "adalora":
-        adapter_record = peft_model.mtlora_config.to_dict()
-
+    peft_model, adapter_record, trainer_cls, trainer_kwargs = _build_model(
+        model, model_args, adapter, train_args, len(train_ds), task_map
+    )
     # before run_config.json is rewritten: refuse a resume whose configuration differs from the checkpoint's run
     if resume is not None:
         check_resume_config(resume, peft_model.mtlora_config, train_args, _jsonable(data_args))
@@ -459,7 +467,7 @@ def train(
     }
     write_text_atomic(out / "run_config.json", json.dumps(run_config, indent=2, default=str) + "\n")
     trainable, total = peft_model.get_nb_trainable_parameters()
-
+    resuming = resume is not None
     trainer = trainer_cls(
         model=peft_model,
         args=train_args,
@@ -467,42 +475,26 @@ def train(
         eval_dataset=eval_ds,
         data_collator=DataCollatorForInstructions.from_tokenizer(tokenizer),
         processing_class=tokenizer,
-        callbacks=[
-            JsonlLogCallback(out / "train_log.jsonl", resuming=resume is not None),
-            NonFiniteGuard(str(out)),
-        ]
-        + [LoggingDirLogCallback(d / "train_log.jsonl", resuming=resume is not None) for d in log_dirs[1:]],
+        callbacks=[JsonlLogCallback(out / "train_log.jsonl", resuming=resuming), NonFiniteGuard(str(out))]
+        + [LoggingDirLogCallback(d / "train_log.jsonl", resuming=resuming) for d in log_dirs[1:]],
         **trainer_kwargs,
     )
     route_tensorboard(trainer, train_args)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resuming else None)
     finish_logs(trainer, train_args, result, eval_ds, len(train_ds))
     adapter_dir = out / "sft_lora_model"
     if trainer.args.should_save:
         with final_adapter_folder(adapter_dir) as staged:  # published whole, or the old one stays
             save_adapter(peft_model, staged, tokenizer, task_map)
         spectral = getattr(trainer, "spectral", None)  # MtLoraTrainer only
-        manifest = {
-            "mtlora_version": __import__("mtlora").__version__,
-            "git_hash": _git_hash(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "peft": __import__("peft").__version__,
-            "seed": train_args.seed,
-            "world_size": train_args.world_size,
-            "data_files": {str(p): _file_sha256(p) for p in data_files if p.is_file()},
+        counts = {
+            "data_files": data_files,
             "num_train_examples": len(train_ds),
             "num_tasks": len(task_map),
             "trainable_params": trainable,
             "total_params": total,
-            "global_steps": result.global_step,
-            "train_loss": result.training_loss,
-            "seconds": round(time.time() - t0, 2),
             "spectral_applications": spectral.num_applications if spectral else 0,
         }
-        write_text_atomic(out / "run_manifest.json", json.dumps(manifest, indent=2) + "\n")
-        from mtlora.model_card import write_training_card
-
+        _write_manifest(out, train_args, result, counts, time.time() - t0)
         write_training_card(adapter_dir)  # README.md: what the folder is, how it was trained, how to load it
     return adapter_dir
