@@ -248,7 +248,7 @@ def test_two_process_ddp_training(dolly_dir: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29571", "train.py", *args],
+        [torchrun, "--standalone", "--nproc_per_node", "2", "train.py", *args],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
