@@ -158,6 +158,7 @@ def test_generate_with_task_ids() -> None:
         model.generate(input_ids=ids, max_new_tokens=2)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager_loss_and_gradients() -> None:
     """``torch.compile`` (what ``--torch_compile`` does) traces the hooks, the shared A/router GEMM, FGR and the
     balance loss: same loss and gradients as eager (one tiny model; compiling costs ~20-40 s on 2 CPU cores)."""
