@@ -58,7 +58,7 @@ class Parser(argparse.ArgumentParser):
     def normalize(self, argv: Sequence[str]) -> list[str]:
         """``argv`` with each long option spelled as registered (``--max-steps`` -> ``--max_steps``)."""
         out: list[str] = []
-        known = self._option_string_actions
+        known = self._all_option_strings()
         for i, token in enumerate(argv):
             if token == "--":  # everything after is positional
                 return out + list(argv[i:])
@@ -72,6 +72,20 @@ class Parser(argparse.ArgumentParser):
                             break
             out.append(token)
         return out
+
+    def _all_option_strings(self) -> set[str]:
+        """This parser's option strings and those of its sub-commands (so the rewrite does not depend on how
+        argparse hands the rest of the command line to a sub-parser)."""
+        known = set(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    known |= (
+                        sub._all_option_strings()
+                        if isinstance(sub, Parser)
+                        else set(sub._option_string_actions)
+                    )
+        return known
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
