@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _ddp_worker as worker  # noqa: E402
 
 
+@pytest.mark.slow
 def test_ddp_gradients_match_single_process(tmp_path) -> None:
     out_file = tmp_path / "grads.pt"
     # a fresh process tree under torchrun: nothing of this test process's state (threads, env) leaks in

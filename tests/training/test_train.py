@@ -58,6 +58,7 @@ METHODS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_and_saves(method: str, dolly_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -128,6 +129,7 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_matches_uninterrupted_run(
     dolly_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -189,6 +191,7 @@ def _run_train_py(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_train_py_contract_and_errors(dolly_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "OUT"
     ok = _run_train_py(
@@ -238,6 +241,7 @@ def test_train_py_contract_and_errors(dolly_dir: Path, tmp_path: Path) -> None:
     shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
     reason="torchrun missing",
 )
+@pytest.mark.slow
 def test_two_process_ddp_training(dolly_dir: Path, tmp_path: Path) -> None:
     torchrun = str(Path(sys.executable).parent / "torchrun")
     out = tmp_path / "ddp"
