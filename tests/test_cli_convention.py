@@ -323,3 +323,59 @@ def test_help_formatter_appends_defaults_once():
     text = parser.format_help()
     assert "alpha (default: 3)" in text and "beta (default 4)" in text and "(default: 4)" not in text
     assert isinstance(parser._get_formatter(), HelpFormatter)
+
+
+def _documented_command_lines() -> list[tuple[str, list[str]]]:
+    """``mtlora <command> ...`` lines of README.md and docs/*.md (continuations joined, comments dropped),
+    without placeholders (``[...]``, ``...``, ``<x>``) that are not meant to parse."""
+    import re
+    import shlex
+
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+        for line in text.splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line.strip().removeprefix("$ "))
+            if not line.startswith("mtlora ") or re.search(r"\[|\.\.\.|<|\||`|--config ", line):
+                continue
+            found.append((f"{path.name}: {line}", shlex.split(line)[1:]))
+    return found
+
+
+def _parse_command(argv: list[str]) -> None:
+    command, rest = argv[0], argv[1:]
+    if command == "eval":
+        from mtlora.evaluation.cli import TOOLS, build_parser
+
+        if rest[0] in TOOLS:
+            import importlib
+
+            importlib.import_module(TOOLS[rest[0]]).build_parser().parse_args(rest[1:])
+        else:
+            build_parser(rest[0]).parse_args(rest[1:])
+    elif command == "params":
+        from mtlora.params import parse_adapter_args
+
+        parse_adapter_args(rest, "mtlora params")
+    elif command == "train":
+        from mtlora.training.arguments import parse_train_args
+        from mtlora.training.cli import map_convention_flags
+
+        parse_train_args(map_convention_flags(rest), check_paths=False)
+    else:
+        import importlib
+
+        importlib.import_module(COMMANDS[command][0]).build_parser().parse_args(rest)
+
+
+def test_documented_command_lines_still_parse():
+    """Every complete `mtlora ...` command line in README.md and docs/ parses with today's flags."""
+    lines = _documented_command_lines()
+    assert len(lines) >= 15
+    failures = []
+    for where, argv in lines:
+        try:
+            _parse_command(argv)
+        except SystemExit as exc:
+            failures.append(f"{where} (exit {exc.code})")
+    assert not failures, "\n".join(failures)
