@@ -259,6 +259,15 @@ def test_debug_rule():
     assert take_debug(["--x", "--", "--debug"]) == (["--x", "--", "--debug"], False)
 
 
+def test_debug_before_the_command(capsys):
+    from mtlora.errors import MtLoraError
+
+    assert main(["eval", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown benchmark 'nope'")
+    with pytest.raises(MtLoraError, match="unknown benchmark"):
+        main(["--debug", "eval", "nope"])
+
+
 def test_debug_env_and_traceback(monkeypatch, capsys):
     from mtlora.errors import MtLoraError
 

@@ -79,7 +79,11 @@ def _closed_pipe() -> int:
 def _dispatch(argv: list[str]) -> int:
     from mtlora.cli_args import take_debug
 
-    argv, debug = take_debug(argv)
+    debug = False
+    while argv and argv[0] == "--debug":  # before the command name it can only be mtlora's switch
+        argv, debug = argv[1:], True
+    argv, bare_debug = take_debug(argv)
+    debug = debug or bare_debug
     if argv and argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
