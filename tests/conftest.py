@@ -34,8 +34,11 @@ SLOW_WARN_SECONDS = 15.0
 
 @pytest.fixture(autouse=True)
 def _restore_runtime_env():
+    from mtlora.cli_args import set_progress
+
     saved = {k: os.environ.get(k) for k in _RUNTIME_ENV}
     yield
+    set_progress(True)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

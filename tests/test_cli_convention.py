@@ -388,3 +388,43 @@ def test_documented_command_lines_still_parse():
         except SystemExit as exc:
             failures.append(f"{where} (exit {exc.code})")
     assert not failures, "\n".join(failures)
+
+
+def test_apply_runtime_threads_and_progress(capsys):
+    """--no_progress turns off mtlora's bars here and every tqdm bar of child processes; --threads >= 1."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from mtlora.cli_args import apply_runtime, progress_enabled
+    from mtlora.errors import MtLoraError
+
+    with pytest.raises(MtLoraError, match="--threads must be > 0"):
+        apply_runtime(argparse.Namespace(threads=0, no_progress=False))
+    threads = torch.get_num_threads()
+    try:
+        assert progress_enabled()
+        apply_runtime(argparse.Namespace(threads=1, no_progress=True))
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(threads)
+    assert not progress_enabled()
+    capsys.readouterr()
+    for _ in tqdm(range(3), desc="hidden bar", disable=not progress_enabled()):
+        pass
+    assert "hidden bar" not in capsys.readouterr().err
+    child = "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='child bar'): pass"
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=dict(os.environ))
+    assert done.returncode == 0 and "child bar" not in done.stderr
+
+
+def test_task_gradient_bar_follows_the_switch(capsys):
+    from mtlora.analysis.gradients import _progress
+    from mtlora.cli_args import set_progress
+
+    for _ in _progress(range(2), "task gradients"):
+        pass
+    assert "task gradients" in capsys.readouterr().err
+    set_progress(False)
+    for _ in _progress(range(2), "task gradients"):
+        pass
+    assert "task gradients" not in capsys.readouterr().err

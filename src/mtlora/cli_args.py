@@ -198,6 +198,11 @@ def add_runtime(
         p.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
+#: The process-wide progress switch (like transformers' ``disable_progress_bar``): ``--no_progress`` turns it
+#: off; bars that mtlora creates pass ``disable=not progress_enabled()``.
+_PROGRESS = {"enabled": True}
+
+
 def apply_runtime(args: argparse.Namespace) -> None:
     """Apply ``--threads`` and ``--no_progress`` before the command's work starts.
 
@@ -205,8 +210,9 @@ def apply_runtime(args: argparse.Namespace) -> None:
       while waiting make a shared CPU crawl (22 s instead of 1.8 s measured for one eval run on a loaded
       2-core machine); sleeping waiters cost almost nothing on an idle one.
     * ``--threads N``: ``torch.set_num_threads(N)``, and ``OMP_NUM_THREADS`` for child processes (repro).
-    * ``--no_progress``: ``TQDM_DISABLE=1`` so bars that the command does not create itself (libraries,
-      child processes) stay off too; the command's own bars read ``args.no_progress``.
+    * ``--no_progress``: :func:`progress_enabled` turns False for this process, and ``TQDM_DISABLE=1`` turns
+      off every tqdm bar of child processes (tqdm reads it when it is imported, so in this process it only
+      helps if tqdm was not imported yet).
     """
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
@@ -219,12 +225,18 @@ def apply_runtime(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(threads)
     if getattr(args, "no_progress", False):
+        _PROGRESS["enabled"] = False
         os.environ["TQDM_DISABLE"] = "1"
 
 
-def progress_enabled(args: argparse.Namespace) -> bool:
-    """Whether the command should show its own progress bars."""
-    return not getattr(args, "no_progress", False)
+def progress_enabled(args: argparse.Namespace | None = None) -> bool:
+    """Whether progress bars should show: not after ``--no_progress`` (in ``args`` or applied earlier)."""
+    return _PROGRESS["enabled"] and not getattr(args, "no_progress", False)
+
+
+def set_progress(enabled: bool) -> None:
+    """Turn mtlora's progress bars on or off for this process (what ``--no_progress`` does)."""
+    _PROGRESS["enabled"] = enabled
 
 
 # ------------------------------------------------------------------------------------------------ --debug

@@ -42,11 +42,12 @@ from mtlora.errors import MtLoraError
 
 
 def _progress(items: Any, desc: str) -> Any:
-    """A tqdm bar over ``items`` (one task's gradient batches take seconds); ``--no_progress`` sets
-    ``TQDM_DISABLE=1`` (mtlora.cli_args.apply_runtime), which turns it off."""
+    """A tqdm bar over ``items`` (one task's gradient batches take seconds); off after ``--no_progress``."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+    from mtlora.cli_args import progress_enabled
+
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, disable=not progress_enabled())
 
 
 def layer_key(name: str) -> str:
