@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench docs clean
+.PHONY: setup demo test test-fast lint bench docs clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV) $(PY)
@@ -18,9 +18,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# Everything but the tests marked @pytest.mark.slow (each over ~5 s on an idle 2-core machine).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks *.py
 	$(BIN)/ruff format --check src tests benchmarks *.py
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layering.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/layer_speed.py --quick

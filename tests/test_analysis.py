@@ -129,6 +129,7 @@ def _png(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_all_writes_every_figure(run: dict[str, Any]) -> None:
     out = run["out"]
     per_adapter = [
@@ -150,6 +151,7 @@ def test_all_writes_every_figure(run: dict[str, Any]) -> None:
     assert summary["skipped"] == {} and set(summary["adapters"]) == {"component", "block-ffn"}
 
 
+@pytest.mark.slow
 def test_routing_entropy_per_layer(run: dict[str, Any]) -> None:
     for label, n_adapters in (("component", 2 * LAYERS), ("block-ffn", LAYERS)):
         res = _json(run["out"] / label / "routing_entropy.json")
@@ -163,6 +165,7 @@ def test_routing_entropy_per_layer(run: dict[str, Any]) -> None:
         assert all(n > 0 for n in res["num_tokens"].values())
 
 
+@pytest.mark.slow
 def test_expert_usage_per_task(run: dict[str, Any]) -> None:
     res = _json(run["out"] / "component" / "expert_usage.json")
     assert res["tasks"] == TASKS
@@ -172,6 +175,7 @@ def test_expert_usage_per_task(run: dict[str, Any]) -> None:
     assert len(res["usage_per_layer"]) == 2 * LAYERS
 
 
+@pytest.mark.slow
 def test_fgr_heatmaps_are_groups_by_experts(run: dict[str, Any]) -> None:
     # q_proj: 64 outputs -> 4 groups; v_proj: 32 -> 2; block mlp: hidden 64 -> 4
     for label, stem, groups in (
@@ -193,6 +197,7 @@ def test_fgr_heatmaps_are_groups_by_experts(run: dict[str, Any]) -> None:
     assert weights["story"]["model.layers.0.mlp"]["mean"].shape == (4, EXPERTS)
 
 
+@pytest.mark.slow
 def test_spectral_spectrum_and_conflict(run: dict[str, Any]) -> None:
     for label in ("component", "block-ffn"):
         spec = _json(run["out"] / label / "sv_spectrum.json")
@@ -214,6 +219,7 @@ def test_spectral_spectrum_and_conflict(run: dict[str, Any]) -> None:
     assert _finite(cmp["relative_change"])
 
 
+@pytest.mark.slow
 def test_gradient_similarity_matrices(run: dict[str, Any]) -> None:
     results = {}
     for label in ("component", "block-ffn"):
@@ -241,6 +247,7 @@ def test_gradient_similarity_matrices(run: dict[str, Any]) -> None:
     assert set(cmp["per_layer"]["0"]) == {"component", "block-ffn"}
 
 
+@pytest.mark.slow
 def test_single_analysis_commands(run: dict[str, Any], tmp_path: Path) -> None:
     """Each sub-command alone writes only its own figures; --module and --tokens filter what is analysed."""
     out = tmp_path / "spec"
@@ -284,6 +291,7 @@ def _saved_adapter(root: Path, method: str, task_map: dict[str, int] | None) -> 
     return out
 
 
+@pytest.mark.slow
 def test_mmoelora_routes_by_task_id_and_drops_unknown_tasks(run: dict[str, Any], tmp_path: Path) -> None:
     adapter = _saved_adapter(tmp_path, "mmoelora", {"arithmetic": 0, "reverse": 1, "story": 2})
     out = tmp_path / "out"
@@ -308,6 +316,7 @@ def test_mmoelora_routes_by_task_id_and_drops_unknown_tasks(run: dict[str, Any],
     assert conf["rank"] == 3 and sum(conf["conflict_percent"]) == pytest.approx(100.0)
 
 
+@pytest.mark.slow
 def test_plain_lora_has_no_routing(run: dict[str, Any], tmp_path: Path) -> None:
     adapter = _saved_adapter(tmp_path, "lora", None)
     argv = ["--adapter", str(adapter), "--data", str(run["data"]), "--max_examples", "8"]
@@ -382,6 +391,7 @@ def test_names_and_layer_selection() -> None:
         select_layer(names, "9")
 
 
+@pytest.mark.slow
 def test_cli_errors(run: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(MtLoraError, match="--data is required"):
         analyze(["routing", "--adapter", str(run["comp"]), "--output_dir", str(tmp_path)])

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from _tiny import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
@@ -21,6 +22,7 @@ def _invocations() -> list[tuple[str, list[str]]]:
     return calls
 
 
+@pytest.mark.slow
 def test_gpu_check_flags_exist_in_each_benchmark() -> None:
     calls = _invocations()
     assert {c[0] for c in calls} == {

@@ -116,6 +116,7 @@ def test_quick_run_writes_json_and_prints_contract_line_last(
     )
 
 
+@pytest.mark.slow
 def test_full_run_has_sweeps_spectral_and_plot(ls: ModuleType, tmp_path: Path) -> None:
     out = tmp_path / "full.json"
     result = ls.run(ls.parse_args([*TINY, "--repeats", "1", "--out", str(out)]), log=lambda _: None)
@@ -153,6 +154,7 @@ def test_full_run_has_sweeps_spectral_and_plot(ls: ModuleType, tmp_path: Path) -
     assert variants["glibc_buffer_reuse"]["summary"]["huge_pages"] is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env_value", [None, "0"])
 def test_script_turns_on_huge_pages_unless_told_otherwise(tmp_path: Path, env_value: str | None) -> None:
     """Run as a script, the benchmark sets THP_MEM_ALLOC_ENABLE=1 before importing torch; an explicit 0 wins."""

@@ -230,7 +230,9 @@ def test_resume_journal(tmp_path) -> None:
     assert key != mechanisms.run_key(_resolve("--experts", "4", "--steps", "7"), "component", flags, 1)
     assert key != mechanisms.run_key(_resolve("--experts", "4", "--panels", "1A"), "component", flags, 1)
     path = tmp_path / "m.runs.jsonl"
-    mechanisms._common.journal_append(path, {"key": key, "row": {"accuracy": 0.5}, "gradients": [], "spectral": []})
+    mechanisms._common.journal_append(
+        path, {"key": key, "row": {"accuracy": 0.5}, "gradients": [], "spectral": []}
+    )
     path.write_text(path.read_text() + '{"key": "to')
     assert mechanisms._common.journal_read(path) == {
         key: {"key": key, "row": {"accuracy": 0.5}, "gradients": [], "spectral": []}

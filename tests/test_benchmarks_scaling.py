@@ -33,6 +33,7 @@ def test_mean_std() -> None:
     assert m == pytest.approx(0.3) and s == pytest.approx(0.1414, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_scaling_tiny(tmp_path, capsys) -> None:
     out = tmp_path / "scaling.json"
     argv = ["--ns", "2,3", "--methods", "lora,block_ffn", "--seeds", "0", "--steps_per_task", "5",
@@ -59,6 +60,7 @@ def test_scaling_tiny(tmp_path, capsys) -> None:
     assert not (tmp_path / "cache" / "work").exists()  # trained adapters are removed unless --keep_runs
 
 
+@pytest.mark.slow
 def test_scaling_runs_the_baselines(tmp_path, capsys) -> None:
     """LoRAHub (per-task LoRAs, composed) and MMoELoRA (task-id gate) take part in the scaling benchmark."""
     out = tmp_path / "scaling.json"
@@ -117,6 +119,7 @@ def scaling_tasks() -> list[str]:
     return task_names()
 
 
+@pytest.mark.slow
 def test_scaling_fixed_budget_tiny(tmp_path, capsys) -> None:
     out = tmp_path / "fixed.json"
     argv = ["--budget", "fixed", "--total_steps", "6", "--ns", "2,3", "--methods", "lora,hydralora", "--seeds",

@@ -21,6 +21,7 @@ def quick_run(tmp_path_factory) -> tuple[Path, float]:
     return out, time.time() - t0
 
 
+@pytest.mark.slow
 def test_results_schema(quick_run: tuple[Path, float]) -> None:
     out, seconds = quick_run
     results = json.loads((out / "results.json").read_text())
@@ -45,6 +46,7 @@ def test_results_schema(quick_run: tuple[Path, float]) -> None:
     print(f"quick demo: {seconds:.0f} s")  # ~30 s on an idle 2-core CPU; not asserted (shared machines)
 
 
+@pytest.mark.slow
 def test_outputs_written(quick_run: tuple[Path, float]) -> None:
     out, _ = quick_run
     pngs = list(out.glob("*.png"))
@@ -57,6 +59,7 @@ def test_outputs_written(quick_run: tuple[Path, float]) -> None:
     assert (out / "data" / "train.json").is_file() and (out / "data" / "test.json").is_file()
 
 
+@pytest.mark.slow
 def test_batched_generation_matches_one_by_one(quick_run: tuple[Path, float]) -> None:
     """Left padding must not change greedy answers."""
     import torch
@@ -81,6 +84,7 @@ def test_batched_generation_matches_one_by_one(quick_run: tuple[Path, float]) ->
     assert batched == single
 
 
+@pytest.mark.slow
 def test_cached_base_is_reused(quick_run: tuple[Path, float], tmp_path: Path) -> None:
     out, _ = quick_run
     argv = ["demo", "--quick", "--output_dir", str(tmp_path), "--cache_dir", str(out / "cache")]

@@ -7,18 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _ddp_worker as worker  # noqa: E402
 
 
+@pytest.mark.slow
 def test_ddp_gradients_match_single_process(tmp_path) -> None:
     out_file = tmp_path / "grads.pt"
     # a fresh process tree under torchrun: nothing of this test process's state (threads, env) leaks in
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(Path(__file__).parent / "_ddp_worker.py"), str(out_file)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip

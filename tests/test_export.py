@@ -143,6 +143,7 @@ _PLAIN_CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_exports_match_static_forward_in_plain_peft(data_file: Path, tmp_path: Path) -> None:
     """Every method: X/<task> loaded by plain peft (or the standalone block loader) == static forward."""
     cases, checks = [], {}

@@ -37,7 +37,8 @@ CORE = {
     "mtlora.model",
     "mtlora.losses",
 }
-INFRA_PACKAGES = ("mtlora.hub", "mtlora.data", "mtlora.inference")
+# cli_args: the command-line convention every parser uses (mtlora data included); it imports only errors
+INFRA_PACKAGES = ("mtlora.hub", "mtlora.data", "mtlora.inference", "mtlora.cli_args")
 
 #: ``from mtlora.X import _private`` across modules that remain (each later refactor step shrinks this).
 PRIVATE_IMPORTS_ALLOWED = {
@@ -170,8 +171,6 @@ def test_no_private_names_imported_across_modules() -> None:
 #: the lead empties this after merging them. A module prefix also matches its submodules (export.py -> export/).
 LONG_FUNCTIONS_ALLOWED = {
     ("mtlora.export", "export_adapter"),
-    ("mtlora.evaluation.cli", "run"),
-    ("mtlora.evaluation.cli", "build_parser"),
     ("mtlora.lorahub", "run_lorahub_method"),
     ("mtlora.lorahub", "compose"),
     ("mtlora.evaluation.bbh", "evaluate_bbh"),

@@ -79,6 +79,7 @@ def library(tmp_path_factory) -> dict:
     return {"root": root, "right": right, "wrong": wrong, "examples": examples, "records": records}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["lorahub", "token_nll_l1sum"])
 def test_compose_weights_up_the_right_lora(library: dict, objective: str) -> None:
     base, tok = _base(), load_tokenizer(TINY)
@@ -215,6 +216,7 @@ def test_lorahub_train_argv(tmp_path: Path) -> None:
     assert lorahub_train_argv(["--config", str(cfg), "--method", "mtlora"]) is None  # flags win over the file
 
 
+@pytest.mark.slow
 def test_train_method_lorahub(tmp_path: Path) -> None:
     """`--method lorahub`: per-task LoRAs trained with the library trainer, composed per task and default."""
     from peft import PeftModel

@@ -1,4 +1,4 @@
-"""The parametrised matrix: method x placement x router x architecture over tiny random models."""
+"""Model behaviour beyond the matrix (the matrix itself, one property per test: tests/test_model_matrix.py)."""
 
 from __future__ import annotations
 
@@ -7,130 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import ARCHS, tiny_model
+from _tiny import tiny_model
+from matrix import randomize
 
 from mtlora import MtLoraConfig, MtLoraModel, get_mtlora_model
 from mtlora.errors import CheckpointError, ConfigError, PlacementError
-
-# (id, config kwargs). Ranks/experts small so every case runs in well under a second.
-VARIANTS = [
-    ("lora", dict(method="lora", lora_rank=4)),
-    ("hydralora", dict(method="hydralora", lora_rank=4, lora_nums=3)),
-    ("mmoelora", dict(method="mmoelora", lora_rank=4, expert_num=2, task_num=3)),
-    (
-        "comp_fgr",
-        dict(
-            method="mtlora", lora_rank=4, lora_nums=3, enable_fine_grained_routing=True, routing_group_size=16
-        ),
-    ),
-    ("comp_topk", dict(method="mtlora", lora_rank=4, lora_nums=4, router_top_k=2, enable_blc=True)),
-    (
-        "block_ffn",
-        dict(method="mtlora", lora_rank=4, lora_nums=3, enable_block_adapter=True, block_adapter_type="ffn"),
-    ),
-    (
-        "block_attn_fgr",
-        dict(
-            method="mtlora",
-            lora_rank=4,
-            lora_nums=3,
-            enable_block_adapter=True,
-            block_adapter_type="attention",
-            enable_fine_grained_routing=True,
-            routing_group_size=32,
-            enable_blc=True,
-        ),
-    ),
-    (
-        "block_both_bottleneck",
-        dict(
-            method="mtlora",
-            lora_rank=4,
-            lora_nums=2,
-            enable_block_adapter=True,
-            block_adapter_type="both",
-            block_adapter_style="bottleneck",
-        ),
-    ),
-    ("block_lora_e1", dict(method="lora", lora_rank=4, enable_block_adapter=False)),
-]
-MATRIX = [(a, v) for a in ARCHS for v in VARIANTS]
-
-
-def _inputs(cfg: MtLoraConfig) -> dict:
-    torch.manual_seed(1)
-    kw = {
-        "input_ids": torch.randint(3, 128, (2, 6)),
-        "attention_mask": torch.tensor([[1] * 6, [0, 0] + [1] * 4]),
-    }
-    if cfg.method == "mmoelora":
-        kw["task_ids"] = torch.tensor([0, 2])
-    return kw
-
-
-def _randomize(model: MtLoraModel) -> None:
-    torch.manual_seed(2)
-    for a in model.adapters():
-        torch.nn.init.normal_(a.lora_B, std=0.2)
-
-
-@pytest.mark.parametrize("arch,variant", MATRIX, ids=[f"{a}-{v[0]}" for a, v in MATRIX])
-def test_matrix(arch: str, variant: tuple[str, dict], tmp_path) -> None:
-    name, kwargs = variant
-    base = tiny_model(arch)
-    cfg = MtLoraConfig(**kwargs)
-    inputs = _inputs(cfg)
-    base_inputs = {k: v for k, v in inputs.items() if k != "task_ids"}
-    with torch.no_grad():
-        ref = base(**base_inputs).logits
-
-    model = get_mtlora_model(base, cfg)
-    assert get_mtlora_model(model, MtLoraConfig(**kwargs)) is model  # idempotent
-    with pytest.raises(PlacementError):
-        MtLoraModel(base, cfg)  # never a second, stacked set of adapters
-
-    # 1. init equals base (exactly: B = 0 gives an exact zero delta)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
-
-    # 2. gradients reach exactly the trainable parameters (all adapter params, no base param)
-    _randomize(model)
-    model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    out = model(**inputs, labels=inputs["input_ids"])
-    out.loss.backward()
-    for n, p in model.named_parameters():
-        if ".mtlora." in n:
-            assert p.requires_grad and p.grad is not None and torch.count_nonzero(p.grad) > 0, n
-        else:
-            assert not p.requires_grad and p.grad is None, n
-    if cfg.enable_blc:
-        assert out.balance_loss is not None and torch.isfinite(out.balance_loss)
-        torch.testing.assert_close(out.loss, out.task_loss + cfg.blc_alpha * out.balance_loss)
-    model.eval()
-
-    # 3. the adapter changes the output; disable_adapters gives the base back exactly
-    with torch.no_grad():
-        adapted = model(**inputs).logits
-        assert (adapted - ref).abs().max() > 1e-4
-        with model.disable_adapters():
-            torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
-
-    # 4. save -> load round trip reproduces logits exactly
-    model.save_pretrained(tmp_path / "adapter")
-    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["method"] == cfg.method and saved["peft_type"].startswith("MTLORA:")
-    restored_base = model.unload()
-    with torch.no_grad():
-        torch.testing.assert_close(restored_base(**base_inputs).logits, ref, atol=0, rtol=0)  # 5. unload
-    assert all(p.requires_grad for p in restored_base.parameters())  # requires_grad restored
-    assert not any(".mtlora." in n for n, _ in restored_base.named_parameters())
-
-    reloaded = MtLoraModel.from_pretrained(tiny_model(arch), tmp_path / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(**inputs).logits, adapted, atol=0, rtol=0)
 
 
 def test_block_ffn_adds_delta_of_normalized_input() -> None:
@@ -139,7 +20,7 @@ def test_block_ffn_adds_delta_of_normalized_input() -> None:
     model = get_mtlora_model(
         base, MtLoraConfig(method="mtlora", lora_rank=4, lora_nums=2, enable_block_adapter=True)
     )
-    _randomize(model)
+    randomize(model)
     ids = torch.randint(3, 128, (1, 5))
     seen = {}
     layer0 = base.model.layers[0]
@@ -165,7 +46,7 @@ def test_merge_and_unload_single_expert() -> None:
     model = get_mtlora_model(
         base, MtLoraConfig(method="lora", lora_rank=4, target_modules="q_proj,v_proj,down_proj")
     )
-    _randomize(model)
+    randomize(model)
     ids = torch.randint(3, 128, (2, 6))
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
@@ -268,7 +149,7 @@ def test_load_checks_keys_and_shapes(tmp_path) -> None:
 def test_generate_with_task_ids() -> None:
     base = tiny_model("llama")
     model = get_mtlora_model(base, MtLoraConfig(method="mmoelora", lora_rank=4, expert_num=2, task_num=2))
-    _randomize(model)
+    randomize(model)
     ids = torch.randint(3, 128, (2, 4))
     out_a = model.generate(input_ids=ids, task_ids=torch.tensor([0, 0]), max_new_tokens=5, do_sample=False)
     out_beam = model.generate(input_ids=ids, task_ids=[0, 1], max_new_tokens=3, num_beams=2, do_sample=False)
@@ -277,6 +158,7 @@ def test_generate_with_task_ids() -> None:
         model.generate(input_ids=ids, max_new_tokens=2)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager_loss_and_gradients() -> None:
     """``torch.compile`` (what ``--torch_compile`` does) traces the hooks, the shared A/router GEMM, FGR and the
     balance loss: same loss and gradients as eager (one tiny model; compiling costs ~20-40 s on 2 CPU cores)."""

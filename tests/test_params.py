@@ -95,6 +95,7 @@ def test_params_cli_line(capsys) -> None:
     assert abs(float(m[3]) - 1.108) < 1e-3
 
 
+@pytest.mark.slow
 def test_params_cli_errors_are_one_line(tmp_path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(

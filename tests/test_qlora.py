@@ -153,6 +153,7 @@ def test_unsupported_device_is_one_error_naming_the_flag() -> None:
         check_backend(Quantization(8), "xla")  # a torch device without kernels here
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--model_name_or_path", TINY, "--dataset_dir", str(tmp_path),

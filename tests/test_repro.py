@@ -192,6 +192,7 @@ def test_table_definitions() -> None:
     assert all(r.is_extra("bbh") and not r.is_extra("mmlu") for r in table_rows("tableS7"))
 
 
+@pytest.mark.slow
 def test_table2_smoke(tmp_path, capsys) -> None:
     out = tmp_path / "R"
     assert cli_main(["repro", "table2", "--smoke", "--output_dir", str(out)]) == 0

@@ -5,13 +5,18 @@ exposes ``main(argv: list[str]) -> int``; this file only dispatches, so ``mtlora
 (torch/transformers are imported lazily by the sub-command that needs them).
 
 Errors: a sub-command raises :class:`mtlora.errors.MtLoraError` (or ``ValueError``, an ``OSError`` such as
-a missing file or a full disk) for bad input; we print one ``error: ...`` line and exit 2. ``--debug``
-anywhere on the command line shows the full traceback instead.
+a missing file or a full disk) for bad input; we print one ``error: ...`` line and exit 2. A bare ``--debug``
+(or ``MTLORA_DEBUG=1``) shows the full traceback instead; ``--debug VALUE`` is the Trainer's own option and is
+passed to ``mtlora train`` untouched (:func:`mtlora.cli_args.take_debug`).
+
+No command prints the usage to stderr and exits 2 (``-h`` exits 0). A closed stdout pipe
+(``mtlora eval ... | head``) ends the command quietly with status 1 instead of a traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module, help). The module must define main(argv) -> int.
@@ -49,13 +54,42 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    if debug:
-        argv.remove("--debug")
-    if not argv or argv[0] in ("-h", "--help"):
+    """``mtlora <command> ...``: dispatch, with the BrokenPipe recipe of the Python docs (signal docs, "Note on
+    SIGPIPE"): on a closed stdout, point stdout at devnull so the interpreter's final flush stays quiet, and
+    return 1. No SIGPIPE handler is installed, because tests call ``main`` in-process."""
+    try:
+        try:
+            return _dispatch(list(sys.argv[1:] if argv is None else argv))
+        finally:  # also after --help's SystemExit: a closed pipe surfaces here, not at interpreter exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away: silence stdout for the interpreter's final flush; exit status 1."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured by a test)
+        pass
+    return 1
+
+
+def _dispatch(argv: list[str]) -> int:
+    from mtlora.cli_args import take_debug
+
+    debug = False
+    while argv and argv[0] == "--debug":  # before the command name it can only be mtlora's switch
+        argv, debug = argv[1:], True
+    argv, bare_debug = take_debug(argv)
+    debug = debug or bare_debug
+    if argv and argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if not argv:
+        print(_usage(), file=sys.stderr)
+        return 2
     if argv[0] == "--version":
         from mtlora import __version__
 
@@ -80,16 +114,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_main(fn, argv: list[str], *, debug: bool = False, prog: str = "mtlora") -> int:
-    """Run ``fn(argv)``; turn user errors into one clear line unless ``debug``."""
+    """Run ``fn(argv)``; turn user errors into one clear line unless ``debug`` (or a bare ``--debug`` in
+    ``argv``: ``train.py`` and ``eval_*.py`` come here directly)."""
     import pickle
 
+    from mtlora.cli_args import take_debug
     from mtlora.errors import MtLoraError, refused_pickle_detail
 
-    if "--debug" in argv:
-        argv = [a for a in argv if a != "--debug"]
-        debug = True
+    argv, bare_debug = take_debug(argv)
+    debug = debug or bare_debug
     try:
-        rc = fn(argv)
+        try:
+            rc = fn(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:  # an OSError, but not a user error: `... | head` closed the pipe
+        return _closed_pipe()
     except (MtLoraError, ValueError, OSError, KeyError) as exc:
         if debug:
             raise

@@ -404,8 +404,10 @@ def convert_llama2c(
     return out
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    from mtlora.cli_args import Parser
+
+    parser = Parser(
         prog="mtlora convert",
         description="Convert checkpoints from other formats into Hugging Face folders.",
     )
@@ -438,7 +440,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """CLI entry point for ``mtlora convert``; returns the exit code (argparse errors and --help included)."""
-    parser = _build_parser()
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help or a usage error: argparse already printed the message

@@ -72,19 +72,15 @@ _PRETRAIN_REASON = (
 
 # ----------------------------------------------------------------------------------------------- arguments
 def build_parser(prog: str = "mtlora demo") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from mtlora.cli_args import Parser, add_model, add_output, add_runtime
+
+    p = Parser(
         prog=prog,
         description="Train lora / hydralora / mtlora on a multi-task suite with the bundled tiny model "
         "(CPU, ~7 min) and compare per-task exact-match accuracy, trainable parameters and time.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--output_dir", default="demo_out", help="Where results.json, results.png and runs go.")
-    p.add_argument(
-        "--model_name_or_path", default=BUNDLED_MODEL, help="Base model (bundled name, folder or hub id)."
-    )
-    p.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available."
-    )
+    add_output(p, required=False, default="demo_out", help="Where results.json, results.png and runs go.")
+    add_model(p, default=BUNDLED_MODEL, help="Base model (bundled name, folder or hub id).")
     p.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS), help=f"Comma list of {', '.join(METHOD_FLAGS)}."
     )
@@ -114,12 +110,17 @@ def build_parser(prog: str = "mtlora demo") -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=42, help="Seed of data generation, training and evaluation.")
     p.add_argument("--eval_batch_size", type=int, default=128, help="Prompts per generation batch.")
-    p.add_argument(
-        "--num_threads",
-        type=int,
-        default=1,
-        help="CPU threads for torch. 1 on purpose: the tiny model's matrices are too small to gain from "
-        "threads, and with other jobs on a 2-core machine 2 threads measured 7-13x slower than 1.",
+    add_runtime(
+        p,
+        device_choices=("auto", "cpu", "cuda"),
+        device_default="auto",
+        dtype=False,
+        threads_default=1,
+        threads_aliases=("--num_threads",),
+        threads_dest="num_threads",
+        threads_help="CPU threads for torch (on --device cpu). 1 on purpose: the tiny model's matrices are too "
+        "small to gain from threads, and with other jobs on a 2-core machine 2 threads measured 7-13x slower "
+        "than 1.",
     )
     p.add_argument(
         "--train_args", default="", help="Extra `mtlora train` flags for every method, e.g. '--bf16 True'."
@@ -289,7 +290,7 @@ def _run_pretraining(
         save_strategy="no",
         report_to="none",
         seed=ns.seed,
-        disable_tqdm=False,
+        disable_tqdm=bool(getattr(ns, "no_progress", False)),
         dataloader_pin_memory=False,
         remove_unused_columns=False,  # keep task_ids for the collator; dropped in compute_loss
         use_cpu=ns.device == "cpu",
@@ -494,7 +495,7 @@ def train_method(
         "--per_device_train_batch_size", str(ns.batch_size), "--learning_rate", str(ns.learning_rate),
         "--lora_rank", str(ns.lora_rank), "--lr_scheduler_type", "cosine", "--warmup_steps", str(max(1, round(0.03 * total)) if total else 30),
         "--logging_steps", str(max(total // 5, 1) if total else 50), "--save_strategy", "no",
-        "--seed", str(ns.seed), "--data_seed", str(ns.seed), "--disable_tqdm", "False",
+        "--seed", str(ns.seed), "--data_seed", str(ns.seed), "--disable_tqdm", str(bool(getattr(ns, "no_progress", False))),
         "--report_to", "none", *budget, *_device_flags(ns.device), *method_flags,
         *shlex.split(ns.train_args), *(["--trust_remote_code", "True"] if _trust(ns) else []),
     ]  # fmt: skip
@@ -773,7 +774,10 @@ def run_demo(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mtlora.cli_args import apply_runtime
+
     ns = _resolve(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    apply_runtime(ns)  # --no_progress; the demo sets its own thread count (--threads, CPU only)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with _quiet_libraries():
         run_demo(ns)

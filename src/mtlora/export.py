@@ -1036,21 +1036,32 @@ def _fmt(value: float | None) -> str:
 
 
 def build_parser(prog: str = "mtlora export") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from mtlora.cli_args import Parser, add_adapter, add_data, add_model, add_output, add_runtime
+
+    p = Parser(
         prog=prog,
         description="Export an mtlora adapter per task (static routing): a plain peft LoRA (component level; "
         "optionally a merged full model) or a block-adapter bundle (block level), each with its tokenizer and a "
         "model card, and a report of the forms, their load commands and the routed vs exported accuracy.",
     )
-    p.add_argument("adapter_dir", help="mtlora adapter folder (e.g. OUTPUT/sft_lora_model)")
-    p.add_argument("--output_dir", required=True, help="where X/<task>/ and X/report.json go")
     p.add_argument(
-        "--model_name_or_path", default=None, help="base model (default: the adapter's recorded one)"
-    )
-    p.add_argument(
-        "--calibration_data",
+        "adapter_pos",
+        nargs="?",
         default=None,
-        help="records file/dir (task_type per record) to estimate each task's mean routing; required for token routers",
+        metavar="ADAPTER_DIR",
+        help="mtlora adapter folder (e.g. OUTPUT/sft_lora_model); same as --adapter",
+    )
+    add_adapter(
+        p, dest="adapter_dir", help="mtlora adapter folder (or give it as the positional ADAPTER_DIR)"
+    )
+    add_output(p, help="where X/<task>/ and X/report.json go")
+    add_model(p, help="base model (default: the adapter's recorded one)")
+    add_data(
+        p,
+        aliases=("--calibration_data",),
+        dest="calibration_data",
+        help="records file/dir (task_type per record) to estimate each task's mean routing; required for token "
+        "routers",
     )
     p.add_argument(
         "--eval_data", default=None, help="records for the report (default: held-out calibration records)"
@@ -1058,17 +1069,18 @@ def build_parser(prog: str = "mtlora export") -> argparse.ArgumentParser:
     p.add_argument(
         "--merged", action="store_true", help="also save base + static delta per task under X/<task>/merged"
     )
-    p.add_argument("--tasks", default=None, help="comma-separated subset of tasks to export")
-    p.add_argument("--max_calibration_per_task", type=int, default=64)
-    p.add_argument("--max_eval_per_task", type=int, default=16)
+    p.add_argument("--tasks", default=None, help="comma-separated subset of tasks to export (default: all)")
+    p.add_argument(
+        "--max_calibration_per_task", type=int, default=64, help="calibration records per task (routing mean)"
+    )
+    p.add_argument("--max_eval_per_task", type=int, default=16, help="evaluation records per task (report)")
     p.add_argument("--eval_fraction", type=float, default=0.2, help="held-out share of calibration records")
     p.add_argument("--no_eval", action="store_true", help="skip the routed vs exported evaluation")
-    p.add_argument("--max_seq_length", type=int, default=512)
-    p.add_argument("--template", default="paper", choices=("paper", "chat"))
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--max_seq_length", type=int, default=512, help="tokens per record (longer are cut)")
+    p.add_argument("--template", default="paper", choices=("paper", "chat"), help="prompt template")
+    p.add_argument("--batch_size", type=int, default=8, help="records per forward pass")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="generation budget of the evaluation")
+    add_runtime(p, dtype_default="float32", dtype_choices=("float32", "bfloat16", "float16"))
     p.add_argument(
         "--push_to_hub",
         default=None,
@@ -1083,7 +1095,14 @@ def build_parser(prog: str = "mtlora export") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mtlora.cli_args import apply_runtime
+
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.adapter_pos and args.adapter_dir and args.adapter_pos != args.adapter_dir:
+        raise MtLoraError("give the adapter once: positional ADAPTER_DIR or --adapter, not both")
+    args.adapter_dir = args.adapter_dir or args.adapter_pos
+    if not args.adapter_dir:
+        raise MtLoraError("--adapter (or the positional ADAPTER_DIR) is required")
     for name in (
         "max_calibration_per_task",
         "max_eval_per_task",
@@ -1093,6 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if getattr(args, name) < 1:
             raise MtLoraError(f"--{name} must be >= 1")
+    apply_runtime(args)
     if args.push_to_hub:  # an impossible push (offline, bad repo id) fails before any work
         from mtlora.publish import check_push_target
 

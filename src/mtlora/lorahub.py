@@ -665,13 +665,17 @@ def run_lorahub_method(
 
 # ============================================================================ CLI
 def build_parser(prog: str = "mtlora lorahub") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from mtlora.cli_args import Parser, add_data, add_model, add_output, add_runtime
+
+    p = Parser(
         prog=prog,
         description="LoRAHub: learn weights that compose K LoRAs for a target task from a few examples "
         "(gradient-free, nevergrad) and save the composition as a standard peft LoRA.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--lora_dirs", help="comma-separated peft LoRA folders to compose")
+    src.add_argument(
+        "--loras", "--lora_dirs", dest="lora_dirs", help="comma-separated peft LoRA folders to compose"
+    )
     src.add_argument(
         "--train_dataset",
         help="records file/dir: first train one plain LoRA per task (into OUTPUT/loras/<task>)",
@@ -681,17 +685,21 @@ def build_parser(prog: str = "mtlora lorahub") -> argparse.ArgumentParser:
         default="",
         help='extra `mtlora train` flags for --train_dataset, one string: --train_args="--max_steps 200"',
     )
-    p.add_argument("--model_name_or_path", required=True)
-    p.add_argument(
-        "--examples", required=True, help="records file/dir with the target task's few-shot examples"
+    add_model(p, required=True)
+    add_data(
+        p,
+        required=True,
+        aliases=("--examples",),
+        dest="examples",
+        help="records file/dir with the target task's few-shot examples",
     )
     p.add_argument("--task", default=None, help="use only the examples whose task_type is TASK")
     p.add_argument(
         "--max_examples", type=int, default=DEFAULT_EXAMPLES, help="use the first N examples (LoRAHub: 5)"
     )
-    p.add_argument("--output_dir", required=True)
+    add_output(p, help="where the composed peft LoRA, lorahub.json and (--train_dataset) loras/ go")
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="objective evaluations (LoRAHub: 40)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the optimizer")
     p.add_argument(
         "--objective",
         choices=OBJECTIVES,
@@ -702,11 +710,11 @@ def build_parser(prog: str = "mtlora lorahub") -> argparse.ArgumentParser:
     p.add_argument(
         "--alpha", type=float, default=DEFAULT_ALPHA, help="L1 weight (mean|w| or sum|w|, see --objective)"
     )
-    p.add_argument("--lower", type=float, default=DEFAULT_BOUNDS[0])
-    p.add_argument("--upper", type=float, default=DEFAULT_BOUNDS[1])
+    p.add_argument("--lower", type=float, default=DEFAULT_BOUNDS[0], help="lower bound of each weight")
+    p.add_argument("--upper", type=float, default=DEFAULT_BOUNDS[1], help="upper bound of each weight")
     p.add_argument("--optimizer", default="NGOpt", help="nevergrad optimizer name (NGOpt, CMA, ...)")
-    p.add_argument("--max_seq_length", type=int, default=512)
-    p.add_argument("--template", default="paper", choices=("paper", "chat"))
+    p.add_argument("--max_seq_length", type=int, default=512, help="tokens per example (longer are cut)")
+    p.add_argument("--template", default="paper", choices=("paper", "chat"), help="prompt template")
     p.add_argument(
         "--batch_size",
         type=int,
@@ -714,20 +722,21 @@ def build_parser(prog: str = "mtlora lorahub") -> argparse.ArgumentParser:
         help="examples per forward pass (default: all in one batch, as the original; the lorahub "
         "objective sums per-batch means, so this changes its value)",
     )
-    p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    add_runtime(p, dtype_default="float32", dtype_choices=("float32", "bfloat16", "float16"))
     add_quantization_arguments(p)
     add_safety_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mtlora.cli_args import apply_runtime
     from mtlora.data import load_records
     from mtlora.hub import load_model
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.max_examples < 1:
         raise MtLoraError("--max_examples must be >= 1")
+    apply_runtime(args)
     quant = quantization_from_args(args)
     out = check_output_dir(
         args.output_dir, ["adapter_config.json", LORAHUB_JSON, "loras"], overwrite=args.overwrite_output_dir

@@ -49,8 +49,10 @@ def count_parameters(
 
 def parse_adapter_args(argv: list[str], prog: str) -> tuple[MtLoraConfig, argparse.Namespace]:
     """Split ``argv`` into the adapter flags (an :class:`MtLoraConfig`) and ``--model_name_or_path``."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model_name_or_path", required=True, help="model dir/hub id; only config.json is read")
+    from mtlora.cli_args import Parser, add_model
+
+    pre = Parser(add_help=False)
+    add_model(pre, required=True, help="model dir/hub id; only config.json is read")
     pre.add_argument("--trainable", default=None, help="alias of --target_modules (the paper's flag)")
     add_safety_flags(pre, overwrite=False)
     parser = adapter_argument_parser(prog, description=__doc__, parents=[pre])

@@ -620,18 +620,22 @@ def _write_table(args: argparse.Namespace, results: dict[str, Any]) -> None:
     print(table_md)
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="mtlora repro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    """``mtlora repro``'s flags (the convention of :mod:`mtlora.cli_args`)."""
+    from mtlora.cli_args import HelpFormatter, Parser, add_model, add_output
+
+    class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    p = Parser(prog="mtlora repro", description=__doc__, formatter_class=_Formatter)
     p.add_argument(
         "table", help="table1 | table2 | table3 | table4 | tableS7 (or the paper's tables/*.sh names)"
     )
-    p.add_argument("--output_dir", default="repro_out")
-    p.add_argument(
-        "--model_name_or_path",
-        default=None,
-        help="default: ./data/llama-2-7b (13b for tableS7); mtlora:stories260k with --smoke",
+    add_output(
+        p, required=False, default="repro_out", help="where each table's runs, table.md and results.json go"
+    )
+    add_model(
+        p, help="base model (default: ./data/llama-2-7b (13b for tableS7); mtlora:stories260k with --smoke)"
     )
     p.add_argument("--flan_dir", default=None, help="converted Flan-v2 subset (records) for the BBH setup")
     p.add_argument("--dolly_dir", default=None, help="converted Dolly-15k (records) for the MMLU setup")
@@ -652,16 +656,30 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--device", default=None, help="evaluation device (default: cuda if available)")
     p.add_argument(
-        "--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print every command, run nothing"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads of every training and evaluation process (OMP_NUM_THREADS; default: torch's "
+        "choice)",
     )
+    p.add_argument("--dry_run", dest="dry_run", action="store_true", help="print every command, run nothing")
     p.add_argument(
         "--smoke", action="store_true", help="each configuration for a few steps on the tiny model (CPU)"
     )
-    p.add_argument("--smoke_steps", type=int, default=2)
+    p.add_argument("--smoke_steps", type=int, default=2, help="--smoke: optimizer steps per configuration")
     p.add_argument(
         "--paper_faithful", action="store_true", help="the released code's behaviour where it differs"
     )
-    args = _resolve_args(p.parse_args(argv))
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:  # child processes (training, evaluation) inherit OMP_NUM_THREADS
+        from mtlora.cli_args import apply_runtime
+
+        apply_runtime(args)
+    args = _resolve_args(args)
     if not args.dry_run and not args.smoke and args.num_gpus is None:
         _check_released_launch(args)
     results = run_table(args)

@@ -215,6 +215,7 @@ def _script(name: str, args: list[str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_top_level_scripts(tmp_path: Path) -> None:
     """The paper's scripts default to the paper protocol (``mtlora eval`` keeps harness); every output names it."""
     done = _script(
@@ -329,6 +330,7 @@ def test_nan_adapter_is_refused_by_name_not_scored_zero(tmp_path: Path, capsys) 
     assert not (tmp_path / "e" / "bbh_results.json").exists()
 
 
+@pytest.mark.slow
 def test_trust_remote_code_is_explicit_and_never_asked_on_stdin(tmp_path: Path) -> None:
     """A model folder that asks for custom code: refused at once with stdin open (no [y/N] prompt)."""
     import shutil

@@ -66,6 +66,7 @@ def _ours(tmp_path: Path, argv: list[str], name: str) -> dict:
     return json.loads(next(out.glob("*_results.json")).read_text())
 
 
+@pytest.mark.slow
 def test_mmlu_matches_lm_eval(lm_eval_results: dict, tmp_path: Path) -> None:
     ours = _ours(
         tmp_path,
@@ -87,6 +88,7 @@ def test_mmlu_matches_lm_eval(lm_eval_results: dict, tmp_path: Path) -> None:
     assert max_diff < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cot", [False, True])
 def test_bbh_matches_lm_eval(lm_eval_results: dict, tmp_path: Path, cot: bool) -> None:
     tasks = COT_TASKS if cot else TASKS

@@ -39,6 +39,7 @@ def _argv(data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_overwrite_output_dir_keeps_its_transformers_4_meaning(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert (
@@ -228,6 +229,7 @@ def test_released_defaults_switch(data_dir: Path, tmp_path: Path) -> None:
     assert data_args.max_seq_length == 512 and train_args.learning_rate == 2e-4
 
 
+@pytest.mark.slow
 def test_overwrite_cache_and_preprocessing_workers(tmp_path: Path) -> None:
     from mtlora.data import cached_tokenize, load_records
     from mtlora.hub import load_tokenizer

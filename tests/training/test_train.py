@@ -58,6 +58,7 @@ METHODS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_and_saves(method: str, dolly_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -128,6 +129,7 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_matches_uninterrupted_run(
     dolly_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -189,6 +191,7 @@ def _run_train_py(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_train_py_contract_and_errors(dolly_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "OUT"
     ok = _run_train_py(
@@ -264,6 +267,7 @@ def test_peft_path_continues_the_saved_adapter(dolly_dir: Path, tmp_path: Path) 
     shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
     reason="torchrun missing",
 )
+@pytest.mark.slow
 def test_two_process_ddp_training(dolly_dir: Path, tmp_path: Path) -> None:
     torchrun = str(Path(sys.executable).parent / "torchrun")
     out = tmp_path / "ddp"
@@ -274,7 +278,7 @@ def test_two_process_ddp_training(dolly_dir: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29571", "train.py", *args],
+        [torchrun, "--standalone", "--nproc_per_node", "2", "train.py", *args],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlora.atomic import write_text_atomic
+from mtlora.cli_args import Parser, add_adapter, add_data, add_model, add_output, add_runtime, apply_runtime
 from mtlora.errors import MtLoraError
 from mtlora.outputs import add_safety_flags, check_output_dir
 from mtlora.quant import add_quantization_arguments
@@ -32,31 +33,26 @@ logger = logging.getLogger("mtlora.analysis")
 
 
 def build_parser(prog: str = "mtlora analyze") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Analysis figures of the paper (PNG + JSON per figure) from trained adapters.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(
+        prog=prog, description="Analysis figures of the paper (PNG + JSON per figure) from trained adapters."
     )
     p.add_argument("analysis", choices=ANALYSES, help="which figure family to produce")
-    p.add_argument(
-        "--adapter", required=True, help="adapter folder (output_dir/sft_lora_model of mtlora train)"
-    )
+    add_adapter(p, required=True)
     p.add_argument(
         "--adapter2", default=None, help="second adapter to compare with (e.g. block vs component)"
     )
     p.add_argument("--label", default=None, help="name of --adapter in figures (default: component/block-*)")
     p.add_argument("--label2", default=None, help="name of --adapter2 in figures")
-    p.add_argument(
-        "--model_name_or_path",
-        default=None,
+    add_model(
+        p,
         help="base model (default: the one recorded in the adapter); mtlora:stories260k = bundled tiny Llama",
     )
-    p.add_argument("--data", default=None, help="records file or folder (needed by routing and gradients)")
-    p.add_argument("--output_dir", required=True, help="where the PNG and JSON files go")
+    add_data(p, help="records file or folder (needed by routing and gradients)")
+    add_output(p, help="where the PNG and JSON files go")
     p.add_argument("--max_examples", type=int, default=500, help="examples sampled, balanced over tasks")
-    p.add_argument("--max_seq_length", type=int, default=512)
-    p.add_argument("--template", default="paper", choices=("paper", "chat"))
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--max_seq_length", type=int, default=512, help="tokens per example (longer are cut)")
+    p.add_argument("--template", default="paper", choices=("paper", "chat"), help="prompt template")
+    p.add_argument("--batch_size", type=int, default=4, help="examples per forward pass")
     p.add_argument("--grad_batches", type=int, default=4, help="batches per task for the task gradients")
     p.add_argument(
         "--layer",
@@ -72,10 +68,7 @@ def build_parser(prog: str = "mtlora analyze") -> argparse.ArgumentParser:
         help="tokens the routing statistics average over (the released Fig. 1A used prompts only)",
     )
     p.add_argument("--seed", type=int, default=42, help="seed of the example sample")
-    p.add_argument("--device", default=None, help="cpu / cuda[:N] (default: cuda if available)")
-    p.add_argument(
-        "--dtype", default=None, help="base model dtype (default: float32 on CPU, bfloat16 on GPU)"
-    )
+    add_runtime(p)
     add_quantization_arguments(p)
     add_safety_flags(p)
     return p
@@ -286,6 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
+    apply_runtime(args)
     written = run(args)
     for name in sorted(written):
         print(f"wrote {Path(args.output_dir) / name}")

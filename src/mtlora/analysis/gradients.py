@@ -41,6 +41,15 @@ from mtlora.analysis.common import (
 from mtlora.errors import MtLoraError
 
 
+def _progress(items: Any, desc: str) -> Any:
+    """A tqdm bar over ``items`` (one task's gradient batches take seconds); off after ``--no_progress``."""
+    from tqdm.auto import tqdm
+
+    from mtlora.cli_args import progress_enabled
+
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, disable=not progress_enabled())
+
+
 def layer_key(name: str) -> str:
     """Group key of an adapter: its decoder-layer index, or its own name when it has none."""
     idx = layer_index(name)
@@ -70,7 +79,7 @@ def task_gradients(
     out = {name: torch.zeros(data.num_tasks, sum(p.numel() for p in ps)) for name, ps in params.items()}
     model.eval()
     try:
-        for t, task in enumerate(data.tasks):
+        for t, task in enumerate(_progress(data.tasks, "task gradients")):
             for ps in params.values():
                 for p in ps:
                     p.grad = None

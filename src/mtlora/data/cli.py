@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from mtlora.cli_args import Parser
 from mtlora.data.converters import CONVERTERS, TRAIN_FILENAME, convert
 from mtlora.outputs import check_output_dir
 
@@ -19,7 +20,7 @@ _FORMAT_HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mtlora data",
         description="Convert instruction data to the training format: OUTDIR/train.json, a JSON array of "
         "{instruction, input, output, task_type} records.",
@@ -30,21 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("input", metavar="INPUT", help="input file or directory")
         cmd.add_argument("outdir", metavar="OUTDIR", help="output directory (train.json is written there)")
         cmd.add_argument(
-            "--max-per-task",
+            "--max_per_task",
             type=int,
             default=None,
             metavar="N",
             help="keep at most N examples per task, a seeded random sample in original order",
         )
-        cmd.add_argument("--seed", type=int, default=42, help="seed for --max-per-task sampling (default 42)")
+        cmd.add_argument("--seed", type=int, default=42, help="seed for --max_per_task sampling (default 42)")
         cmd.add_argument(
-            "--skip-empty",
+            "--skip_empty",
             action="store_true",
             help="drop (and count) examples with an empty target instead of failing",
         )
         cmd.add_argument(
             "--overwrite_output_dir",
-            "--overwrite-output-dir",
             action="store_true",
             help="replace an existing OUTDIR/train.json (default: refuse)",
         )

@@ -128,27 +128,34 @@ def _names(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``mtlora eval lm_eval_tasks``: write the YAMLs and print the ``lm_eval`` command that uses them."""
-    p = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    """``mtlora eval lm_eval_tasks``'s flags."""
+    from mtlora.cli_args import Parser, add_output
+
+    p = Parser(
         prog="mtlora eval lm_eval_tasks",
         description="Write lm-evaluation-harness task YAMLs that read the bundled (or given) MMLU/BBH data, so "
         "`lm_eval --include_path DIR` runs offline - e.g. on an exported adapter with "
         "--model_args pretrained=BASE,peft=EXPORT/<task>.",
     )
-    p.add_argument("--output_dir", required=True, help="where the YAMLs and their JSONL data go")
+    add_output(p, help="where the YAMLs and their JSONL data go")
     p.add_argument("--mmlu_subjects", default=None, help="comma-separated MMLU subjects (e.g. anatomy)")
     p.add_argument("--bbh_tasks", default=None, help="comma-separated BBH tasks (e.g. navigate)")
     p.add_argument(
         "--bbh_cot", action="store_true", help="the chain-of-thought BBH variant (bbh_cot_fewshot)"
     )
-    p.add_argument("--mmlu_num_fewshot", type=int, default=5)
+    p.add_argument("--mmlu_num_fewshot", type=int, default=5, help="MMLU exemplars per prompt")
     p.add_argument(
         "--bbh_max_gen_toks", type=int, default=None, help="override the harness's generation budget"
     )
     p.add_argument("--mmlu_data_dir", default=None, help="MMLU data folder (default: the bundled copy)")
     p.add_argument("--bbh_data_dir", default=None, help="BBH data folder (default: the bundled copy)")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mtlora eval lm_eval_tasks``: write the YAMLs and print the ``lm_eval`` command that uses them."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     subjects, tasks = _names(args.mmlu_subjects), _names(args.bbh_tasks)
     if not subjects and not tasks:
         raise MtLoraError("give --mmlu_subjects and/or --bbh_tasks (comma-separated names)")

@@ -43,7 +43,53 @@ def refused_checkpoint_pickle(exc: BaseException, train_args: Any) -> MtLoraErro
     return MtLoraError(f"refused to unpickle a file holding more than tensors and plain values ({detail})")
 
 
+def build_parser(prog: str = "mtlora train"):  # noqa: ANN201 - HfArgumentParser, imported lazily
+    """The full ``mtlora train`` parser (the Trainer's flags; see :func:`pre_parser` for mtlora's own)."""
+    from mtlora.training.arguments import build_parser as hf_parser
+
+    return hf_parser(prog)
+
+
+def pre_parser():  # noqa: ANN201
+    """The convention flags of :mod:`mtlora.cli_args` that ``mtlora train`` maps onto the Trainer's.
+
+    Train stays on ``HfArgumentParser`` (every released flag, both spellings); these are taken off the command
+    line first and rewritten: ``--data`` -> ``--dataset_dir`` (a folder) / ``--train_file`` (a file),
+    ``--adapter`` -> ``--peft_path``, ``--no_progress`` -> ``--disable_tqdm True``; ``--threads`` sets torch's
+    CPU threads.
+    """
+    from mtlora.cli_args import Parser, add_adapter, add_data, add_runtime
+
+    pre = Parser(prog="mtlora train", add_help=False, allow_abbrev=False)
+    group = pre.add_argument_group("mtlora convention flags (mapped onto the Trainer's)")
+    add_data(group, help="training records: a folder (= --dataset_dir) or a file (= --train_file)")
+    add_adapter(group, help="adapter to continue from (= --peft_path)")
+    add_runtime(group, device=False, dtype=False)
+    return pre
+
+
+def map_convention_flags(argv: list[str]) -> list[str]:
+    """``argv`` with the :func:`pre_parser` flags rewritten to the Trainer's (``--threads`` applied here)."""
+    from mtlora.cli_args import apply_runtime
+
+    ns, rest = pre_parser().parse_known_args(argv)
+    apply_runtime(ns)
+    extra: list[str] = []
+    if ns.data:
+        extra += ["--dataset_dir" if Path(ns.data).is_dir() else "--train_file", ns.data]
+    if ns.adapter:
+        extra += ["--peft_path", ns.adapter]
+    if ns.no_progress:
+        extra += ["--disable_tqdm", "True"]
+    return extra + rest
+
+
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        build_parser().print_help()
+        print("\n" + pre_parser().format_help())
+        return 0
+    argv = map_convention_flags(argv)
     import torch
 
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
