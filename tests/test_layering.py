@@ -42,12 +42,6 @@ INFRA_PACKAGES = ("mtlora.hub", "mtlora.data", "mtlora.inference")
 #: ``from mtlora.X import _private`` across modules that remain (each later refactor step shrinks this).
 PRIVATE_IMPORTS_ALLOWED = {
     ("mtlora.training.arguments", "mtlora.config", "_HIDDEN_FLAGS"),
-    ("mtlora.lorahub", "mtlora.export", "_by_task"),
-    ("mtlora.lorahub", "mtlora.export", "_encode"),
-    ("mtlora.lorahub", "mtlora.export", "_model_device"),
-    ("mtlora.lorahub", "mtlora.export", "_pad_id"),
-    ("mtlora.lorahub", "mtlora.export", "_right_padded"),
-    ("mtlora.lorahub", "mtlora.export", "_safe_dir_name"),
     ("mtlora.lorahub", "mtlora.training.arguments", "_config_file_argv"),
 }
 
