@@ -310,9 +310,9 @@ def test_calibration_means_are_per_group_and_mask_weighted(data_file: Path) -> N
     records = load_records(data_file)[:3]  # different lengths: one padded batch
     routing = estimate_task_routing(model, tok, records, batch_size=8)
     assert routing.examples == 3
-    from mtlora.export import _encode, _right_padded
+    from mtlora.inference import encode_examples, pad_right
 
-    batch = _right_padded([(i, lab) for _, i, lab in _encode(records, tok, 512, "paper")], 0, "cpu")
+    batch = pad_right([(e.ids, e.labels) for e in encode_examples(records, tok, 512, "paper")], 0, "cpu")
     assert int(batch["attention_mask"].min()) == 0  # padding really is present
     assert routing.tokens == int(batch["attention_mask"].sum())
     with torch.no_grad(), model.collect_routing_stats() as stats:

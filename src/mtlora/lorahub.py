@@ -552,12 +552,12 @@ def lorahub_train_argv(argv: Sequence[str]) -> list[str] | None:
 
     ``--config`` files are expanded first (flags after them win, as in ``parse_train_args``).
     """
-    from mtlora.training.arguments import _config_file_argv
+    from mtlora.training.arguments import config_file_argv
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     ns, rest = pre.parse_known_args(list(argv))
-    full = (_config_file_argv(ns.config) if ns.config else []) + rest
+    full = (config_file_argv(ns.config) if ns.config else []) + rest
     method, out = None, []
     i = 0
     while i < len(full):
