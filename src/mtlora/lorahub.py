@@ -219,14 +219,12 @@ class _NllProbe:
         """``(token-mean NLL of all targets, Σ over batches of each batch's token-mean CE)``.
 
         The second is the sum the original LoRAHub accumulates (``outputs.loss`` per batch of ``batch_size``
-        consecutive examples); both come from one scoring pass.
+        consecutive examples); both come from one pass of :meth:`mtlora.inference.Engine.target_nll`.
         """
+        self.engine.batch_size = batch_size
         result = self.engine.target_nll(examples)
-        batch_means = 0.0
-        for i in range(0, len(result.per_example), batch_size):
-            chunk = result.per_example[i : i + batch_size]
-            batch_means += sum(n for n, _ in chunk) / max(sum(t for _, t in chunk), 1)
-        return result.mean, batch_means
+        batch_means = sum(total / max(count, 1) for total, count in result.batches)
+        return result.nll_sum / max(result.tokens, 1), batch_means
 
     def close(self) -> Any:
         return self.model.unload()

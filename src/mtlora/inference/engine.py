@@ -26,6 +26,8 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mtlora.data.tokenize import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from mtlora.inference.examples import Example
 
@@ -76,12 +78,14 @@ class Choice:
 
 @dataclass
 class NllResult:
-    """Teacher-forced negative log-likelihood of targets: the sum (float64), the target tokens, and
-    ``(nll, tokens)`` per example in input order (callers regroup them, e.g. LoRAHub's per-batch means)."""
+    """Teacher-forced negative log-likelihood of targets: the sum, the target tokens, ``(nll, tokens)`` per
+    example in input order and per batch of the engine's ``batch_size`` (LoRAHub's objective sums per-batch
+    means, so it runs with its own batch size)."""
 
     nll_sum: float
     tokens: int
     per_example: list[tuple[float, int]]
+    batches: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -320,23 +324,47 @@ class Engine:
     def target_nll(
         self, examples: Sequence[Example], *, task_id: int | None = None, desc: str = "nll"
     ) -> NllResult:
-        """Teacher-forced NLL of each example's target (its labels, a suffix of its ids) given its prompt.
+        """Teacher-forced NLL of each example's target (its labels) given its prompt, mathematically
+        ``-loglikelihood(prompt, target)``.
 
-        This is ``-loglikelihood(prompt, target)``: the same numbers as a right-padded forward with
-        ``log_softmax`` over the labelled positions, up to float summation order (~1e-6). An example
-        without a prompt scores its target from the second token on (the first has no context).
+        Why not the prefix-cached scoring path: target NLLs feed comparisons (export's routed vs exported
+        gap, LoRAHub's objective that nevergrad ranks) whose earlier numbers must not move. So this is the
+        plain teacher-forced forward the package always used: consecutive batches of ``batch_size`` examples,
+        right-padded with an attention mask, fp32 ``log_softmax``; each batch's sum is kept as computed
+        (``NllResult.batches``) and the total is their float64 sum.
         """
-        requests = []
-        for ex in examples:
-            cut = max(ex.prompt_len, 1)
-            requests.append(ScoreRequest(list(ex.ids[:cut]), list(ex.ids[cut:]), None, task_id))
-        if not requests:
-            return NllResult(nll_sum=0.0, tokens=0, per_example=[])
-        width = max(len(ex.ids) for ex in examples)
-        scores = self.loglikelihood(requests, width, task_id=task_id, desc=desc)
-        per = [(-ll, len(r.continuation)) for (ll, _), r in zip(scores, requests)]
+        from mtlora.inference.batching import pad_right
+
+        torch = self.torch
+        per_example: list[tuple[float, int]] = []
+        batches: list[tuple[float, int]] = []
+        bar = self._bar(len(examples), desc)
+        with torch.no_grad():
+            for start in range(0, len(examples), self.batch_size):
+                chunk = examples[start : start + self.batch_size]
+                batch = pad_right([(e.ids, e.labels) for e in chunk], self.pad_id, self.device)
+                kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                if task_id is not None:
+                    kwargs["task_ids"] = torch.full(
+                        (len(chunk),), int(task_id), dtype=torch.long, device=self.device
+                    )
+                logits = self.model(**kwargs).logits
+                self.stats["forward_calls"] += 1
+                self.stats["tokens_computed"] += int(batch["input_ids"].numel())
+                labels = batch["labels"][:, 1:]
+                valid = labels != IGNORE_INDEX
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                tok = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+                masked = -(tok * valid)
+                batches.append((float(masked.sum()), int(valid.sum())))
+                per_example += [(float(r), int(n)) for r, n in zip(masked.sum(dim=1), valid.sum(dim=1))]
+                bar.update(len(chunk))
+        bar.close()
         return NllResult(
-            nll_sum=float(sum(n for n, _ in per)), tokens=sum(t for _, t in per), per_example=per
+            nll_sum=float(sum(b for b, _ in batches)),
+            tokens=sum(n for _, n in batches),
+            per_example=per_example,
+            batches=batches,
         )
 
     def next_token_argmax(
