@@ -210,3 +210,14 @@ def test_routing_probe_equals_the_old_calibration_prehook(models, tok, name) -> 
         )
     assert seen == [(routed[0][0], (3, routed[0][1].num_groups, routed[0][1].num_experts), 3)]
     assert not routed[0][1]._forward_pre_hooks  # removed on exit
+    seen_router = []
+    with RoutingProbe(routed, lambda n, p, b: seen_router.append(p), hook="router") as pr:
+        pr.run(model, [{"input_ids": torch.tensor([[1, 5, 6]])}])
+    assert len(seen_router) == 1 and seen_router[0].shape == (
+        3,
+        routed[0][1].num_groups,
+        routed[0][1].num_experts,
+    )
+    assert not routed[0][1].router._forward_hooks
+    with pytest.raises(ValueError, match="hook"):
+        RoutingProbe(routed, print, hook="layer")

@@ -144,7 +144,7 @@ def collect_routing(
                 "_task_of_token": task_index[:, None].expand_as(mask).reshape(-1),
             }
 
-    with RoutingProbe(routed, on_probs) as probe:
+    with RoutingProbe(routed, on_probs, hook="router") as probe:  # the figures' numbers, as always
         probe.run(loaded.model, batches(), device=loaded.device)
     if float(stats[0].count.sum()) == 0:
         raise MtLoraError(f"--tokens {tokens}: no token of the data was selected")

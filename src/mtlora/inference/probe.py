@@ -5,7 +5,8 @@ adapter's own input) rather than a hook on the router: observing must not change
 router turns off the fused ``[A; W_router]`` GEMM (``MultiExpertLoRA._shared_router_weight``), which moves
 every later layer's input by float rounding; the pre-hook leaves the forward exactly as in inference. The
 router is deterministic and sees no dropout, so the recomputed probabilities are the ones the adapter mixes
-its experts with.
+its experts with. ``hook="router"`` instead observes the router's own call (the unfused forward), which is
+what ``mtlora analyze`` has always reported; its figures stay exactly as before.
 """
 
 from __future__ import annotations
@@ -29,14 +30,19 @@ class RoutingProbe:
     batch's tokens).
     """
 
-    def __init__(self, adapters: Sequence[tuple[str, Any]], on_probs: ProbsCallback) -> None:
+    def __init__(
+        self, adapters: Sequence[tuple[str, Any]], on_probs: ProbsCallback, *, hook: str = "adapter"
+    ) -> None:
+        if hook not in ("adapter", "router"):
+            raise ValueError(f"RoutingProbe(hook={hook!r}): use 'adapter' or 'router'")
         self.adapters = list(adapters)
         self.on_probs = on_probs
+        self.hook = hook
         self.batch: Mapping[str, Any] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> RoutingProbe:
-        def make_hook(name: str) -> Any:
+        def pre_hook(name: str) -> Any:
             def hook(module: Any, args: tuple[Any, ...]) -> None:
                 x = args[0]
                 probs = module.routing_probs(x.reshape(-1, module.in_features), tuple(x.shape[:-1]))
@@ -45,7 +51,16 @@ class RoutingProbe:
 
             return hook
 
-        self._handles = [a.register_forward_pre_hook(make_hook(n)) for n, a in self.adapters]
+        def router_hook(name: str) -> Any:
+            def hook(_module: Any, _args: Any, probs: Any) -> None:
+                self.on_probs(name, probs.detach(), self.batch)
+
+            return hook
+
+        if self.hook == "adapter":
+            self._handles = [a.register_forward_pre_hook(pre_hook(n)) for n, a in self.adapters]
+        else:
+            self._handles = [a.router.register_forward_hook(router_hook(n)) for n, a in self.adapters]
         return self
 
     def __exit__(self, *exc: object) -> None:
