@@ -14,6 +14,7 @@ from mtlora.inference.engine import (
     GenRequest,
     NllResult,
     ScoreRequest,
+    argmax_choice,
 )
 from mtlora.inference.examples import Example, encode_examples, prompt_ids
 from mtlora.inference.probe import RoutingProbe
@@ -31,6 +32,7 @@ __all__ = [
     "RoutingProbe",
     "ScoreRequest",
     "answer_records",
+    "argmax_choice",
     "encode_examples",
     "normalize_answer",
     "pad_id",

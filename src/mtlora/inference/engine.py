@@ -100,6 +100,15 @@ class Generation:
     finish: str  # "eos" | "stop" | "length"
 
 
+def argmax_choice(loglikelihoods: Sequence[float]) -> int:
+    """Harness ``acc``: the choice with the highest log-likelihood; ties go to the first (``np.argmax``)."""
+    best = 0
+    for i, ll in enumerate(loglikelihoods):
+        if ll > loglikelihoods[best]:
+            best = i
+    return best
+
+
 def _hf_model(model: Any) -> Any:
     """The underlying ``PreTrainedModel`` (for signature checks) of a plain, peft or mtlora model."""
     seen = 0
@@ -314,11 +323,7 @@ class Engine:
         for r in requests:
             got = [next(scores) for _ in r.choices]
             lls = [ll for ll, _ in got]
-            best = 0
-            for i, ll in enumerate(lls):  # ties go to the first choice (np.argmax)
-                if ll > lls[best]:
-                    best = i
-            out.append(Choice(loglikelihoods=lls, best=best, greedy=[g for _, g in got]))
+            out.append(Choice(loglikelihoods=lls, best=argmax_choice(lls), greedy=[g for _, g in got]))
         return out
 
     def target_nll(
