@@ -68,9 +68,9 @@ def _save(kind: str, model, target: Path, tokenizer) -> None:
 
         save_final_adapter(model, target, tokenizer, {"a": 0, "b": 1})
     elif kind == "export":
-        from mtlora.export import _write_export
+        from mtlora.export import write_export
 
-        _write_export(model, {}, target, False, TINY, tokenizer, True, task="a")
+        write_export(model, {}, target, False, TINY, tokenizer, True, task="a")
     else:
         raise SystemExit(f"unknown kind {kind}")
 

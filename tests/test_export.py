@@ -311,9 +311,9 @@ def test_calibration_means_are_per_group_and_mask_weighted(data_file: Path) -> N
     records = load_records(data_file)[:3]  # different lengths: one padded batch
     routing = estimate_task_routing(model, tok, records, batch_size=8)
     assert routing.examples == 3
-    from mtlora.export import _encode, _right_padded
+    from mtlora.inference import encode_examples, pad_right
 
-    batch = _right_padded([(i, lab) for _, i, lab in _encode(records, tok, 512, "paper")], 0, "cpu")
+    batch = pad_right([(e.ids, e.labels) for e in encode_examples(records, tok, 512, "paper")], 0, "cpu")
     assert int(batch["attention_mask"].min()) == 0  # padding really is present
     assert routing.tokens == int(batch["attention_mask"].sum())
     with torch.no_grad(), model.collect_routing_stats() as stats:
@@ -346,3 +346,19 @@ def test_eval_fraction_range_and_earlier_exports_are_kept(data_file: Path, tmp_p
     plain = 0o666 & ~current_umask()
     for p in out.rglob("*"):
         assert (p.stat().st_mode & 0o777) == (plain | 0o111 if p.is_dir() else plain), p
+
+
+def test_package_split_keeps_the_entry_points_and_documented_names() -> None:
+    """export.py became the mtlora/export/ package: `python -m mtlora.export` and every name docs/export.md
+    documents still import from ``mtlora.export``."""
+    import mtlora.export as export
+
+    documented = (
+        "estimate_task_routing task_gate_routing static_routing static_up_projection static_delta_weight "
+        "export_peft_lora export_block_adapter save_merged_model load_block_export convert_lora_to_peft "
+        "write_peft_lora read_peft_lora evaluate_records export_adapter EvalMetrics PeftLora TaskRouting main"
+    ).split()
+    assert all(callable(getattr(export, n)) for n in documented)
+    assert set(documented) <= set(export.__all__)
+    done = subprocess.run([sys.executable, "-m", "mtlora.export", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: mtlora export"), done.stderr

@@ -117,7 +117,7 @@ def test_objective_equals_the_original_by_hand(library: dict, tmp_path: Path) ->
     the number of examples, plus ``0.05 * mean|w|`` (``default_l1_regularization``)."""
     from peft import PeftModel
 
-    from mtlora.export import _encode, _right_padded
+    from mtlora.inference import encode_examples, pad_right
 
     tok = load_tokenizer(TINY)
     loras = [read_peft_lora(library["wrong"]), read_peft_lora(library["right"])]
@@ -127,10 +127,10 @@ def test_objective_equals_the_original_by_hand(library: dict, tmp_path: Path) ->
         target_modules=["q_proj", "v_proj", "down_proj"],
     )  # fmt: skip
     model = PeftModel.from_pretrained(_base(), combined).eval()
-    enc = _encode(library["records"], tok, 512, "paper")
+    enc = encode_examples(library["records"], tok, 512, "paper")
     batch_losses = []
     for i in range(0, len(enc), 2):  # batches of 2: 2 + 2 + 1 examples
-        batch = _right_padded([(ids, lab) for _, ids, lab in enc[i : i + 2]], 0, "cpu")
+        batch = pad_right([(e.ids, e.labels) for e in enc[i : i + 2]], 0, "cpu")
         with torch.no_grad():
             batch_losses.append(float(model(**batch).loss))
     by_hand = sum(batch_losses) / 5 + 0.05 * (0.4 + 0.9) / 2
@@ -162,7 +162,7 @@ def test_cli_saves_a_plain_peft_lora(library: dict, tmp_path: Path) -> None:
     peft_model = PeftModel.from_pretrained(_base(), out).eval()
     loras = [read_peft_lora(library["wrong"]), read_peft_lora(library["right"])]
     stacked, scaling, _ = _align(loras)
-    probe = _NllProbe(_base(), stacked, scaling)
+    probe = _NllProbe(_base(), load_tokenizer(TINY), stacked, scaling)
     probe.set_weights(info["weights"])
     with torch.no_grad():
         assert torch.allclose(peft_model(input_ids=ids).logits, probe.model(input_ids=ids).logits, atol=1e-5)

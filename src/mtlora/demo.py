@@ -361,14 +361,10 @@ def pretrain_base(ns: argparse.Namespace, suite: Any, cache_dir: Path) -> tuple[
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def prompt_ids(record: Any, tokenizer: Any) -> list[int]:
-    """The training prompt of ``record`` (BOS, instruction, input, separator EOS) -- exactly what ``train``
-    conditions the target on, taken from :func:`mtlora.data.encode_record` so the two cannot drift apart."""
-    from mtlora.data import IGNORE_INDEX, encode_record
+    """The training prompt of ``record`` (:func:`mtlora.inference.prompt_ids`, the rule ``train`` uses)."""
+    from mtlora.inference import prompt_ids as _prompt_ids
 
-    encoded = encode_record(record, tokenizer, 1 << 30)
-    assert encoded is not None
-    ids, labels = encoded
-    return ids[: next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)]
+    return _prompt_ids(record, tokenizer)
 
 
 def generate_answers(
@@ -382,52 +378,16 @@ def generate_answers(
     task_map: dict[str, int] | None = None,
     desc: str = "eval",
 ) -> list[str]:
-    """Greedy answers for ``records``, batched with left padding through ``model.generate``.
+    """Greedy answers for ``records`` (:func:`mtlora.inference.answer_records` on the shared engine).
 
-    Prompts are sorted by length (less padding) and answers returned in the original order. Decoding stops
-    at the first EOS-like id of the generation config (stories260k ends with BOS as well as EOS).
-    ``task_map`` passes per-row task ids (needed by mmoelora's task gate).
+    Decoding stops at the first EOS-like id of the tokenizer or the generation config (stories260k ends with
+    BOS as well as EOS). ``task_map`` passes per-row task ids (needed by mmoelora's task gate).
     """
-    import torch
-    from tqdm.auto import tqdm
+    from mtlora.inference import Engine, answer_records
 
-    pad = tokenizer.pad_token_id
-    stop = model.generation_config.eos_token_id
-    stop_ids = set(stop if isinstance(stop, list) else [stop]) | {tokenizer.eos_token_id}
-    prompts = [prompt_ids(r, tokenizer) for r in records]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
     model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, dynamic_ncols=True):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        kwargs: dict[str, Any] = {}
-        if task_map is not None:
-            kwargs["task_ids"] = torch.tensor(
-                [task_map[str(records[i]["task_type"])] for i in idx], device=device
-            )
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                **kwargs,
-            )
-        for row, i in enumerate(idx):
-            new: list[int] = []
-            for tok in out[row, width:].tolist():
-                if tok in stop_ids:
-                    break
-                new.append(tok)
-            answers[i] = tokenizer.decode(new, skip_special_tokens=True)
-    return answers
+    engine = Engine(model, tokenizer, device=device, batch_size=batch_size)
+    return answer_records(engine, records, max_new_tokens=max_new_tokens, task_map=task_map, desc=desc)
 
 
 def _answer_budget(records: Sequence[Any], tokenizer: Any) -> int:

@@ -49,19 +49,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mtlora.atomic import atomic_dir, write_text_atomic
+from mtlora.dtypes import model_device
 from mtlora.errors import ConfigError, DataError, MtLoraError
 from mtlora.export import (
     PeftLora,
-    _by_task,
-    _encode,
-    _model_device,
-    _pad_id,
-    _right_padded,
-    _safe_dir_name,
+    by_task,
     convert_lora_to_peft,
     read_peft_lora,
+    safe_dir_name,
     write_peft_lora,
 )
+from mtlora.inference import Engine, Example, encode_examples
 from mtlora.outputs import add_safety_flags, check_output_dir
 from mtlora.quant import add_quantization_arguments
 from mtlora.quant import from_args as quantization_from_args
@@ -178,11 +176,16 @@ class _NllProbe:
     """The base model with one plain mtlora ``lora`` adapter whose weights are overwritten per candidate.
 
     Why not peft in the loop: reusing mtlora's own adapter keeps the probe one cheap ``copy_`` per module
-    per evaluation, and :meth:`close` returns the untouched base model.
+    per evaluation, and :meth:`close` returns the untouched base model. The NLL comes from the shared
+    inference engine (:meth:`mtlora.inference.Engine.target_nll`).
     """
 
     def __init__(
-        self, base: Any, stacked: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scaling: float
+        self,
+        base: Any,
+        tokenizer: Any,
+        stacked: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        scaling: float,
     ) -> None:
         from mtlora.config import MtLoraConfig
         from mtlora.model import MtLoraModel
@@ -201,8 +204,9 @@ class _NllProbe:
         if missing or len(adapters) != len(stacked):
             self.model.unload()
             raise MtLoraError(f"the LoRAs target modules the model does not have as expected: {missing[:3]}")
-        device = _model_device(base)
+        device = model_device(base)
         self.slots = [(adapters[n], a.to(device), b.to(device)) for n, (a, b) in stacked.items()]
+        self.engine = Engine(self.model, tokenizer, device=device, progress=False)
 
     def set_weights(self, weights: Sequence[float]) -> None:
         w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=self.slots[0][1].device)
@@ -211,27 +215,16 @@ class _NllProbe:
                 adapter.lora_A.copy_(torch.einsum("k,kri->ri", w, a).to(adapter.lora_A.dtype))
                 adapter.lora_B.copy_(torch.einsum("k,kor->or", w, b).unsqueeze(1).to(adapter.lora_B.dtype))
 
-    def losses(self, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    def losses(self, examples: Sequence[Example], batch_size: int) -> tuple[float, float]:
         """``(token-mean NLL of all targets, Σ over batches of each batch's token-mean CE)``.
 
-        The second is the sum the original LoRAHub accumulates (``outputs.loss`` per batch); both come
-        from one pass.
+        The second is the sum the original LoRAHub accumulates (``outputs.loss`` per batch of ``batch_size``
+        consecutive examples); both come from one pass of :meth:`mtlora.inference.Engine.target_nll`.
         """
-        total, count, batch_means = 0.0, 0, 0.0
-        with torch.no_grad():
-            for batch in batches:
-                logits = self.model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-                labels = batch["labels"][:, 1:]
-                valid = labels != -100
-                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                tok = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-                b_sum, b_count = float(-(tok * valid).sum()), int(valid.sum())
-                total += b_sum
-                count += b_count
-                batch_means += b_sum / max(b_count, 1)
-        return total / max(count, 1), batch_means
+        self.engine.batch_size = batch_size
+        result = self.engine.target_nll(examples)
+        batch_means = sum(total / max(count, 1) for total, count in result.batches)
+        return result.nll_sum / max(result.tokens, 1), batch_means
 
     def close(self) -> Any:
         return self.model.unload()
@@ -254,15 +247,16 @@ def objective_terms(
 
 
 def _prepare(
-    base_model: Any,
     tokenizer: Any,
     loras: Sequence[str | Path | PeftLora],
     examples: Sequence[Mapping[str, Any]],
     max_seq_length: int,
     template: str,
     batch_size: int | None,
-) -> tuple[list[str], list[PeftLora], dict[str, tuple[torch.Tensor, torch.Tensor]], float, int, list]:
-    """LoRA folders, loaded LoRAs, stacked factors, scaling, number of examples and the example batches.
+) -> tuple[
+    list[str], list[PeftLora], dict[str, tuple[torch.Tensor, torch.Tensor]], float, list[Example], int
+]:
+    """LoRA folders, loaded LoRAs, stacked factors, scaling, the encoded examples and the batch size.
 
     Batches are consecutive chunks of ``batch_size`` examples (None: all in one batch, the original's
     default), i.e. the original's unshuffled ``DataLoader``; the ``lorahub`` objective depends on them.
@@ -272,16 +266,10 @@ def _prepare(
     dirs = [str(x) for x in loras if not isinstance(x, PeftLora)]
     loaded = [x if isinstance(x, PeftLora) else read_peft_lora(x) for x in loras]
     stacked, scaling, _ = _align(loaded)
-    encoded = _encode(examples, tokenizer, max_seq_length, template)
+    encoded = encode_examples(examples, tokenizer, max_seq_length, template)
     if not encoded:
         raise MtLoraError("no usable example: give records whose target survives --max_seq_length")
-    device, pad = _model_device(base_model), _pad_id(tokenizer)
-    size = batch_size or len(encoded)
-    batches = [
-        _right_padded([(ids, lab) for _, ids, lab in encoded[i : i + size]], pad, device)
-        for i in range(0, len(encoded), size)
-    ]
-    return dirs, loaded, stacked, scaling, len(encoded), batches
+    return dirs, loaded, stacked, scaling, encoded, batch_size or len(encoded)
 
 
 def score_weights(
@@ -299,18 +287,18 @@ def score_weights(
 ) -> dict[str, float]:
     """The objective of one weight vector, as :func:`compose` scores it: ``{objective, loss, l1, nll}``."""
     objective_terms(objective, alpha, [], 0.0, 0.0, 1)  # unknown objective: fail before loading anything
-    _, loaded, stacked, scaling, n, batches = _prepare(
-        base_model, tokenizer, loras, examples, max_seq_length, template, batch_size
+    _, loaded, stacked, scaling, encoded, size = _prepare(
+        tokenizer, loras, examples, max_seq_length, template, batch_size
     )
     if len(weights) != len(loaded):
         raise MtLoraError(f"{len(weights)} weights for {len(loaded)} LoRAs")
-    probe = _NllProbe(base_model, stacked, scaling)
+    probe = _NllProbe(base_model, tokenizer, stacked, scaling)
     try:
         probe.set_weights(weights)
-        nll, batch_sum = probe.losses(batches)
+        nll, batch_sum = probe.losses(encoded, size)
     finally:
         probe.close()
-    loss, l1 = objective_terms(objective, alpha, weights, nll, batch_sum, n)
+    loss, l1 = objective_terms(objective, alpha, weights, nll, batch_sum, len(encoded))
     return {"objective": loss + l1, "loss": loss, "l1": l1, "nll": nll}
 
 
@@ -338,49 +326,25 @@ def compose(
     search scored strictly better (the objective is deterministic, so that point is a valid choice).
     ``objective`` is ``lorahub`` (the original, default) or ``token_nll_l1sum`` (see :func:`objective_terms`).
     """
-    try:
-        import nevergrad as ng
-        import numpy as np
-    except ImportError:
-        raise MtLoraError("LoRAHub needs nevergrad: pip install 'nevergrad>=1.0'") from None
-
-    if budget < 1:
-        raise MtLoraError(f"--budget {budget}: must be >= 1")
-    if alpha < 0:
-        raise MtLoraError(f"--alpha {alpha}: must be >= 0")
-    if not lower < 0 < upper:
-        raise MtLoraError(f"bounds [{lower}, {upper}] must contain 0 (the search starts at w = 0)")
-    if optimizer not in ng.optimizers.registry:
-        raise MtLoraError(f"unknown nevergrad optimizer {optimizer!r} (e.g. NGOpt, CMA, TwoPointsDE)")
+    ng = _nevergrad()
+    _check_search(ng, budget, alpha, lower, upper, optimizer)
     objective_terms(objective, alpha, [], 0.0, 0.0, 1)  # unknown objective: fail before loading anything
-    dirs, loaded, stacked, scaling, n, batches = _prepare(
-        base_model, tokenizer, loras, examples, max_seq_length, template, batch_size
+    dirs, loaded, stacked, scaling, encoded, size = _prepare(
+        tokenizer, loras, examples, max_seq_length, template, batch_size
     )
-    k = len(loaded)
     history: list[dict[str, Any]] = []
-    probe = _NllProbe(base_model, stacked, scaling)
+    probe = _NllProbe(base_model, tokenizer, stacked, scaling)
+
+    def evaluate(weights: list[float]) -> float:
+        probe.set_weights(weights)
+        nll, batch_sum = probe.losses(encoded, size)
+        loss, l1 = objective_terms(objective, alpha, weights, nll, batch_sum, len(encoded))
+        value = loss + l1
+        history.append({"weights": weights, "loss": loss, "l1": l1, "nll": nll, "objective": value})
+        return value if math.isfinite(value) else 1e9
+
     try:
-
-        def evaluate(w: Any) -> float:
-            weights = [float(x) for x in np.asarray(w).reshape(-1)]
-            probe.set_weights(weights)
-            nll, batch_sum = probe.losses(batches)
-            loss, l1 = objective_terms(objective, alpha, weights, nll, batch_sum, n)
-            value = loss + l1
-            history.append({"weights": weights, "loss": loss, "l1": l1, "nll": nll, "objective": value})
-            return value if math.isfinite(value) else 1e9
-
-        param = ng.p.Array(init=np.zeros(k), lower=lower, upper=upper)
-        param.random_state = np.random.RandomState(seed)
-        opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # nevergrad/scipy sub-optimisers warn about their own settings
-            recommendation = opt.minimize(evaluate)
-        rec_w = [float(x) for x in np.asarray(recommendation.value).reshape(-1)]
-        evaluate(rec_w)
-        final = history[-1]
-        best = min(history, key=lambda h: h["objective"])
-        chosen = best if best["objective"] < final["objective"] else final
+        chosen = _search(ng, evaluate, history, len(loaded), lower, upper, seed, optimizer, budget)
     finally:
         probe.close()
     result = LoraHubResult(
@@ -393,13 +357,66 @@ def compose(
         budget=budget,
         seed=seed,
         alpha=alpha,
-        num_examples=n,
+        num_examples=len(encoded),
         objective_name=objective,
         loss=chosen["loss"],
         batch_size=batch_size,
         history=history,
     )
     return result, combine_loras(loaded, result.weights)
+
+
+def _nevergrad() -> Any:
+    try:
+        import nevergrad as ng
+    except ImportError:
+        raise MtLoraError("LoRAHub needs nevergrad: pip install 'nevergrad>=1.0'") from None
+    return ng
+
+
+def _check_search(ng: Any, budget: int, alpha: float, lower: float, upper: float, optimizer: str) -> None:
+    """The search settings, checked before anything is loaded."""
+    if budget < 1:
+        raise MtLoraError(f"--budget {budget}: must be >= 1")
+    if alpha < 0:
+        raise MtLoraError(f"--alpha {alpha}: must be >= 0")
+    if not lower < 0 < upper:
+        raise MtLoraError(f"bounds [{lower}, {upper}] must contain 0 (the search starts at w = 0)")
+    if optimizer not in ng.optimizers.registry:
+        raise MtLoraError(f"unknown nevergrad optimizer {optimizer!r} (e.g. NGOpt, CMA, TwoPointsDE)")
+
+
+def _search(
+    ng: Any,
+    evaluate: Any,
+    history: list[dict[str, Any]],
+    k: int,
+    lower: float,
+    upper: float,
+    seed: int,
+    optimizer: str,
+    budget: int,
+) -> dict[str, Any]:
+    """nevergrad's minimisation of ``evaluate`` from ``w = 0``; returns the chosen ``history`` entry.
+
+    That is the recommendation (evaluated once more), unless a point seen during the search scored
+    strictly better (the objective is deterministic, so that point is a valid choice).
+    """
+    import numpy as np
+
+    def as_list(w: Any) -> list[float]:
+        return [float(x) for x in np.asarray(w).reshape(-1)]
+
+    param = ng.p.Array(init=np.zeros(k), lower=lower, upper=upper)
+    param.random_state = np.random.RandomState(seed)
+    opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nevergrad/scipy sub-optimisers warn about their own settings
+        recommendation = opt.minimize(lambda w: evaluate(as_list(w)))
+    evaluate(as_list(recommendation.value))
+    final = history[-1]
+    best = min(history, key=lambda h: h["objective"])
+    return best if best["objective"] < final["objective"] else final
 
 
 def _target_modules(loras: Sequence[PeftLora], composed: PeftLora) -> list[str] | str:
@@ -494,11 +511,11 @@ def train_task_loras(
     from mtlora.training.arguments import parse_train_args
 
     recs = load_records(records) if isinstance(records, (str, Path)) else list(records)
-    by_task = _by_task(recs)
-    names = list(tasks) if tasks else sorted(by_task)
-    unknown = [t for t in names if t not in by_task]
+    grouped = by_task(recs)
+    names = list(tasks) if tasks else sorted(grouped)
+    unknown = [t for t in names if t not in grouped]
     if unknown:
-        raise MtLoraError(f"tasks {unknown} have no records (found {sorted(by_task)})")
+        raise MtLoraError(f"tasks {unknown} have no records (found {sorted(grouped)})")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     placeholder = str(out / "_unused")
@@ -518,7 +535,7 @@ def train_task_loras(
     for t in names:
         try:
             result[t] = _train_one(
-                model_args, data_args, adapter, train_args, by_task[t], out / _safe_dir_name(t, taken)
+                model_args, data_args, adapter, train_args, grouped[t], out / safe_dir_name(t, taken)
             )
         except DataError as exc:  # e.g. every example of this task longer than --max_seq_length
             warnings.warn(f"lorahub: no LoRA for task {t!r}: {exc}", stacklevel=2)
@@ -533,12 +550,12 @@ def lorahub_train_argv(argv: Sequence[str]) -> list[str] | None:
 
     ``--config`` files are expanded first (flags after them win, as in ``parse_train_args``).
     """
-    from mtlora.training.arguments import _config_file_argv
+    from mtlora.training.arguments import config_file_argv
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     ns, rest = pre.parse_known_args(list(argv))
-    full = (_config_file_argv(ns.config) if ns.config else []) + rest
+    full = (config_file_argv(ns.config) if ns.config else []) + rest
     method, out = None, []
     i = 0
     while i < len(full):
@@ -592,32 +609,15 @@ def run_lorahub_method(
     if data_args.max_train_samples is not None:  # >= 1, checked at parse time
         records = records[: data_args.max_train_samples]
     task_map = build_task_map(records)
-    by_task = _by_task(records)
+    grouped = by_task(records)
     hub = out / "lorahub"
     taken: set[str] = set()
-    task_dirs = {t: _safe_dir_name(t, taken) for t in task_map}
-    lora_dirs: dict[str, Path] = {}
-    for t in task_map:
-        try:
-            lora_dirs[t] = _train_one(
-                model_args, data_args, adapter, train_args, by_task[t], hub / "loras" / task_dirs[t]
-            )
-        except DataError as exc:  # e.g. every example of this task longer than --max_seq_length
-            warnings.warn(f"lorahub: no LoRA for task {t!r}: {exc}", stacklevel=2)
-    if not lora_dirs:
-        raise DataError("lorahub: no task had trainable examples (see the warnings above)")
-    tasks_ok = list(lora_dirs)
+    task_dirs = {t: safe_dir_name(t, taken) for t in task_map}
+    lora_dirs = _train_library(model_args, data_args, adapter, train_args, grouped, hub, task_dirs)
     if not train_args.should_save:  # not the main process of a distributed run
         return out / "sft_lora_model"
     model, tokenizer = load_base_model(model_args, train_args)
     model.eval()
-    loras = [read_peft_lora(lora_dirs[t]) for t in tasks_ok]
-    targets = _target_modules(loras, loras[0])
-    summary: dict[str, Any] = {
-        "task_map": task_map,
-        "lora_dirs": {t: str(p) for t, p in lora_dirs.items()},
-        "tasks": {},
-    }
     common: dict[str, Any] = dict(
         alpha=alpha,
         objective=objective,
@@ -626,41 +626,91 @@ def run_lorahub_method(
         max_seq_length=data_args.max_seq_length,
         template=data_args.template,
     )
-    base_name = model_args.model_name_or_path
-    for t in tasks_ok:
-        result, composed = compose(model, tokenizer, loras, by_task[t][:examples_per_task], **common)
+    per_task = {t: grouped[t][:examples_per_task] for t in lora_dirs}
+    summary = _compose_all(
+        model,
+        tokenizer,
+        lora_dirs,
+        per_task,
+        common,
+        model_args.model_name_or_path,
+        hub,
+        task_dirs,
+        out,
+        task_map,
+    )
+    save_task_map(task_map, out / "task_map.json")
+    write_text_atomic(hub / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return out / "sft_lora_model"
+
+
+def _train_library(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    adapter: MtLoraConfig,
+    train_args: MtLoraTrainingArguments,
+    grouped: Mapping[str, Sequence[Mapping[str, Any]]],
+    hub: Path,
+    task_dirs: Mapping[str, str],
+) -> dict[str, Path]:
+    """One plain LoRA per task (``hub/loras/<task>``); a task without trainable examples is skipped, loudly."""
+    lora_dirs: dict[str, Path] = {}
+    for t in task_dirs:
+        try:
+            lora_dirs[t] = _train_one(
+                model_args, data_args, adapter, train_args, grouped[t], hub / "loras" / task_dirs[t]
+            )
+        except DataError as exc:  # e.g. every example of this task longer than --max_seq_length
+            warnings.warn(f"lorahub: no LoRA for task {t!r}: {exc}", stacklevel=3)
+    if not lora_dirs:
+        raise DataError("lorahub: no task had trainable examples (see the warnings above)")
+    return lora_dirs
+
+
+def _compose_all(
+    model: Any,
+    tokenizer: Any,
+    lora_dirs: Mapping[str, Path],
+    per_task: Mapping[str, Sequence[Mapping[str, Any]]],
+    common: Mapping[str, Any],
+    base_name: str,
+    hub: Path,
+    task_dirs: Mapping[str, str],
+    out: Path,
+    task_map: Mapping[str, int],
+) -> dict[str, Any]:
+    """One composition per task (``hub/<task>``) and the default from every task's examples
+    (``out/sft_lora_model``); returns the summary (weights and objectives of each)."""
+    tasks_ok = list(lora_dirs)
+    loras = [read_peft_lora(lora_dirs[t]) for t in tasks_ok]
+    targets = _target_modules(loras, loras[0])
+    summary: dict[str, Any] = {
+        "task_map": dict(task_map),
+        "lora_dirs": {t: str(p) for t, p in lora_dirs.items()},
+        "tasks": {},
+    }
+    jobs = [(t, per_task[t], hub / task_dirs[t]) for t in tasks_ok]
+    jobs.append((None, [r for t in tasks_ok for r in per_task[t]], out / "sft_lora_model"))
+    for t, examples, target_dir in jobs:
+        result, composed = compose(model, tokenizer, loras, examples, **common)
         result.lora_dirs = [str(lora_dirs[x]) for x in tasks_ok]
+        default = t is None
         save_composed(
-            hub / task_dirs[t],
+            target_dir,
             composed,
             result,
             base_model_name_or_path=base_name,
             target_modules=targets,
+            tokenizer=tokenizer if default else None,
             extra={"task": t},
+            task_map=task_map if default else None,
         )
-        summary["tasks"][t] = {
-            "dir": str(hub / task_dirs[t]),
-            "weights": result.weights,
-            "objective": result.objective,
-        }
-    mixed = [r for t in tasks_ok for r in by_task[t][:examples_per_task]]
-    result, composed = compose(model, tokenizer, loras, mixed, **common)
-    result.lora_dirs = [str(lora_dirs[x]) for x in tasks_ok]
-    default_dir = out / "sft_lora_model"
-    save_composed(
-        default_dir,
-        composed,
-        result,
-        base_model_name_or_path=base_name,
-        target_modules=targets,
-        tokenizer=tokenizer,
-        extra={"task": None},
-        task_map=task_map,
-    )
-    save_task_map(task_map, out / "task_map.json")
-    summary["default"] = {"dir": str(default_dir), "weights": result.weights, "objective": result.objective}
-    write_text_atomic(hub / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return default_dir
+        entry = {"dir": str(target_dir), "weights": result.weights, "objective": result.objective}
+        if default:
+            summary["default"] = entry
+        else:
+            summary["tasks"][t] = entry
+    return summary
 
 
 # ============================================================================ CLI

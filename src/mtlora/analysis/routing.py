@@ -18,6 +18,7 @@ average over a random sample.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from mtlora.analysis.common import (
     write_json,
 )
 from mtlora.errors import MtLoraError
+from mtlora.inference import RoutingProbe
 
 EPS = 1e-10
 
@@ -113,42 +115,37 @@ def collect_routing(
                 torch.zeros(num_tasks, **z),
             )
         )
-    current: dict[str, torch.Tensor] = {}
+    by_name = {s.name: s for s in stats}
 
-    def make_hook(acc: AdapterRouting):
-        def hook(_module: Any, _args: Any, probs: torch.Tensor) -> None:
-            task_of_token, keep = current["task"], current["keep"]
-            if probs.shape[0] != keep.numel():
-                raise MtLoraError(
-                    f"{acc.name}: router saw {probs.shape[0]} tokens but the batch has {keep.numel()}"
-                )
-            p = probs.detach().double().cpu()[keep]  # (M, G, E)
-            t = task_of_token[keep]
-            ent = -(p * (p + EPS).log()).sum(-1).mean(-1)  # (M,)
-            top = torch.nn.functional.one_hot(p.argmax(-1), acc.num_experts).double()
-            acc.prob_sum.index_add_(0, t, p)
-            acc.top1_sum.index_add_(0, t, top)
-            acc.entropy_sum.index_add_(0, t, ent)
-            acc.count.index_add_(0, t, torch.ones_like(ent))
+    def on_probs(name: str, probs: torch.Tensor, batch: Mapping[str, Any]) -> None:
+        acc = by_name[name]
+        task_of_token, keep = batch["_task_of_token"], batch["_keep"]
+        if probs.shape[0] != keep.numel():
+            raise MtLoraError(
+                f"{acc.name}: router saw {probs.shape[0]} tokens but the batch has {keep.numel()}"
+            )
+        p = probs.double().cpu()[keep]  # (M, G, E)
+        t = task_of_token[keep]
+        ent = -(p * (p + EPS).log()).sum(-1).mean(-1)  # (M,)
+        top = torch.nn.functional.one_hot(p.argmax(-1), acc.num_experts).double()
+        acc.prob_sum.index_add_(0, t, p)
+        acc.top1_sum.index_add_(0, t, top)
+        acc.entropy_sum.index_add_(0, t, ent)
+        acc.count.index_add_(0, t, torch.ones_like(ent))
 
-        return hook
+    def batches() -> Any:
+        for batch, task_index in data.batches(None, batch_size):
+            mask = token_mask(batch, tokens)
+            yield {
+                "input_ids": batch["input_ids"],
+                "attention_mask": batch["attention_mask"],
+                "task_ids": batch["task_ids"],
+                "_keep": mask.reshape(-1),
+                "_task_of_token": task_index[:, None].expand_as(mask).reshape(-1),
+            }
 
-    handles = [a.router.register_forward_hook(make_hook(s)) for (_, a), s in zip(routed, stats)]
-    try:
-        with torch.no_grad():
-            for batch, task_index in data.batches(None, batch_size):
-                mask = token_mask(batch, tokens)
-                current["keep"] = mask.reshape(-1)
-                current["task"] = task_index[:, None].expand_as(mask).reshape(-1)
-                batch = {k: v.to(loaded.device) for k, v in batch.items()}
-                loaded.model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    task_ids=batch["task_ids"],
-                )
-    finally:
-        for h in handles:
-            h.remove()
+    with RoutingProbe(routed, on_probs, hook="router") as probe:  # the figures' numbers, as always
+        probe.run(loaded.model, batches(), device=loaded.device)
     if float(stats[0].count.sum()) == 0:
         raise MtLoraError(f"--tokens {tokens}: no token of the data was selected")
     return RoutingStats(loaded.label, loaded.method, list(data.tasks), tokens, stats)

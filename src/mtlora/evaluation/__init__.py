@@ -21,9 +21,9 @@ from mtlora.evaluation.data import (
     load_bbh_task,
     load_mmlu_subject,
 )
-from mtlora.evaluation.engine import Engine
 from mtlora.evaluation.loading import LoadedModel, load_model_for_eval
 from mtlora.evaluation.mmlu import evaluate_mmlu
+from mtlora.inference import Engine
 
 __all__ = [
     "BBH_TASKS",

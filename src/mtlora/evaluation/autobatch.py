@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from mtlora.errors import MtLoraError
-from mtlora.evaluation.engine import Engine
+from mtlora.inference import Engine
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -18,7 +18,6 @@ from typing import Any
 
 from mtlora.errors import MtLoraError
 from mtlora.evaluation.data import BBH_CATEGORIES, BBHTask, content_hash
-from mtlora.evaluation.engine import Engine, GenRequest
 from mtlora.evaluation.prompts import bbh_harness_parts, bbh_paper_parts, fit_prompt
 from mtlora.evaluation.report import category_scores, summarize_rows
 from mtlora.evaluation.scoring import (
@@ -29,6 +28,7 @@ from mtlora.evaluation.scoring import (
     mean,
     paper_bbh_correct,
 )
+from mtlora.inference import Engine, GenRequest
 
 PAPER_PROMPT_LIMIT = 2048
 DEFAULT_MAX_NEW_TOKENS = {"paper": 32, "harness": 256, "harness_cot": 1024}
@@ -96,26 +96,7 @@ def evaluate_bbh(
     t0 = time.perf_counter()
     for task in outer:
         outer.set_postfix_str(task.name)
-        if protocol == "paper":
-            if num_few_shot >= len(task.examples):
-                raise MtLoraError(
-                    f"--num_few_shot {num_few_shot}: task {task.name!r} has {len(task.examples)} items"
-                )
-            shots = task.examples[:num_few_shot]
-            items = task.examples[num_few_shot:][:limit]
-            first_index = num_few_shot
-            parts = [bbh_paper_parts(shots, ex) for ex in items]
-            exemplars: Any = shots
-        else:
-            assert task.cot is not None
-            if num_few_shot > len(task.cot.inputs):
-                raise MtLoraError(
-                    f"--num_few_shot {num_few_shot}: the harness has {len(task.cot.inputs)} fixed exemplars per task"
-                )
-            items = task.examples[:limit]
-            first_index = 0
-            parts = [bbh_harness_parts(task, ex, num_few_shot, cot) for ex in items]
-            exemplars = bbh_harness_parts(task, task.examples[0], num_few_shot, cot).shots
+        items, first_index, parts, exemplars = _task_prompts(task, protocol, num_few_shot, cot, limit)
         hashed.append({"task": task.name, "exemplars": exemplars, "items": items})
         fitted = [fit_prompt(p, engine.encode, budget) for p in parts]
         gens = engine.generate(
@@ -125,32 +106,86 @@ def evaluate_bbh(
             task_id=loaded.task_id_for(task.name),
             desc=task.name,
         )
-        rows = []
-        for i, (ex, f, g) in enumerate(zip(items, fitted, gens)):
-            if protocol == "paper":
-                output = g.text.strip()
-                extracted = output
-                ok = paper_bbh_correct(output, ex.target)
-            else:
-                output = cut_at_stop(g.text, HARNESS_BBH_STOP)
-                extracted = extract_cot_answer(output) if cot else output
-                ok = exact_match(extracted, ex.target)
-            rows.append(
-                {
-                    "index": first_index + i,
-                    "target": ex.target,
-                    "output": output,
-                    "prediction": extracted,
-                    "correct": ok,
-                    "finish": g.finish,
-                    "num_exemplars": f.num_shots,
-                    "question_truncated": f.question_truncated,
-                }
-            )
+        rows = _rows(items, fitted, gens, protocol, cot, first_index)
         summary = summarize_rows(rows, BBH_CATEGORIES.get(task.name, "nlp"), num_few_shot)
         per_task[task.name] = (summary["correct"], len(rows))
         task_results[task.name] = {**summary, "predictions": rows}
     outer.close()
+    result = _result(protocol, cot, variant, per_task, task_results)
+    result.update(
+        max_new_tokens=new_tokens,
+        max_new_tokens_requested=requested_new,
+        data_sha256=content_hash(hashed),
+        eval_seconds=round(time.perf_counter() - t0, 3),
+        task_results=task_results,
+    )
+    return result
+
+
+def _task_prompts(
+    task: BBHTask, protocol: str, num_few_shot: int, cot: bool, limit: int | None
+) -> tuple[list[Any], int, list[Any], Any]:
+    """``(evaluated items, index of the first, prompt parts per item, the exemplars)`` of one task."""
+    if protocol == "paper":
+        if num_few_shot >= len(task.examples):
+            raise MtLoraError(
+                f"--num_few_shot {num_few_shot}: task {task.name!r} has {len(task.examples)} items"
+            )
+        shots = task.examples[:num_few_shot]
+        items = task.examples[num_few_shot:][:limit]
+        return items, num_few_shot, [bbh_paper_parts(shots, ex) for ex in items], shots
+    assert task.cot is not None
+    if num_few_shot > len(task.cot.inputs):
+        raise MtLoraError(
+            f"--num_few_shot {num_few_shot}: the harness has {len(task.cot.inputs)} fixed exemplars per task"
+        )
+    items = task.examples[:limit]
+    parts = [bbh_harness_parts(task, ex, num_few_shot, cot) for ex in items]
+    return items, 0, parts, bbh_harness_parts(task, task.examples[0], num_few_shot, cot).shots
+
+
+def _rows(
+    items: Sequence[Any],
+    fitted: Sequence[Any],
+    gens: Sequence[Any],
+    protocol: str,
+    cot: bool,
+    first_index: int,
+) -> list[dict[str, Any]]:
+    """One prediction row per item: the output, what was extracted from it and whether it is correct."""
+    rows = []
+    for i, (ex, f, g) in enumerate(zip(items, fitted, gens)):
+        if protocol == "paper":
+            output = g.text.strip()
+            extracted = output
+            ok = paper_bbh_correct(output, ex.target)
+        else:
+            output = cut_at_stop(g.text, HARNESS_BBH_STOP)
+            extracted = extract_cot_answer(output) if cot else output
+            ok = exact_match(extracted, ex.target)
+        rows.append(
+            {
+                "index": first_index + i,
+                "target": ex.target,
+                "output": output,
+                "prediction": extracted,
+                "correct": ok,
+                "finish": g.finish,
+                "num_exemplars": f.num_shots,
+                "question_truncated": f.question_truncated,
+            }
+        )
+    return rows
+
+
+def _result(
+    protocol: str,
+    cot: bool,
+    variant: str,
+    per_task: dict[str, tuple[int, int]],
+    task_results: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The averages of the result dict (the protocol decides which average is the headline)."""
     total_correct = sum(c for c, _ in per_task.values())
     total = sum(n for _, n in per_task.values())
     micro = total_correct / total if total else 0.0
@@ -170,9 +205,4 @@ def evaluate_bbh(
         "category_scores_macro": macro_cat,
         "category_scores_micro": micro_cat,
         "task_scores": {t: r["accuracy"] for t, r in task_results.items()},
-        "max_new_tokens": new_tokens,
-        "max_new_tokens_requested": requested_new,
-        "data_sha256": content_hash(hashed),
-        "eval_seconds": round(time.perf_counter() - t0, 3),
-        "task_results": task_results,
     }

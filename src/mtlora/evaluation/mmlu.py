@@ -18,10 +18,10 @@ from typing import Any
 
 from mtlora.errors import MtLoraError
 from mtlora.evaluation.data import MMLU_CATEGORIES, MMLUSubject, content_hash
-from mtlora.evaluation.engine import Engine, GenRequest, ScoreRequest
 from mtlora.evaluation.prompts import fit_prompt, mmlu_harness_parts, mmlu_paper_parts
 from mtlora.evaluation.report import category_scores, summarize_rows
-from mtlora.evaluation.scoring import LETTERS, argmax_choice, mean, paper_mmlu_prediction
+from mtlora.evaluation.scoring import LETTERS, mean, paper_mmlu_prediction
+from mtlora.inference import ChoiceRequest, Engine, GenRequest
 
 PAPER_PROMPT_LIMIT = 2048  # the released code tokenised with max_length=2048
 
@@ -81,53 +81,8 @@ def evaluate_mmlu(
         items = subj.test[:limit] if limit is not None else subj.test
         hashed.append({"subject": subj.name, "exemplars": shots, "items": items})
         task_id = loaded.task_id_for(subj.name)
-        rows: list[dict[str, Any]] = []
-        if protocol == "paper":
-            budget = min(max_length, PAPER_PROMPT_LIMIT)
-            fitted = [fit_prompt(mmlu_paper_parts(shots, q), engine.encode, budget) for q in items]
-            tokens = engine.next_token_argmax(
-                [GenRequest(f.ids, f.group) for f in fitted], task_id=task_id, desc=subj.name
-            )
-            for i, (q, f, tok) in enumerate(zip(items, fitted, tokens)):
-                generated = engine.tokenizer.decode([tok], skip_special_tokens=True)
-                pred = paper_mmlu_prediction(generated)
-                rows.append(
-                    {
-                        "index": i,
-                        "answer": LETTERS[q.answer],
-                        "prediction": pred,
-                        "generated": generated,
-                        "correct": pred == LETTERS[q.answer],
-                        "num_exemplars": f.num_shots,
-                        "question_truncated": f.question_truncated,
-                    }
-                )
-        else:
-            budget = max_length + 1 - cont_len
-            fitted = [
-                fit_prompt(mmlu_harness_parts(subj.name, shots, q), engine.encode, budget) for q in items
-            ]
-            requests = []
-            for f in fitted:
-                full_ctx = engine.encode(f.text) if f.question_truncated else f.ids
-                for letter in LETTERS:
-                    whole = engine.encode(f.text + " " + letter)
-                    requests.append(ScoreRequest(f.ids, whole[len(full_ctx) :], f.group))
-            scores = engine.loglikelihood(requests, max_length, task_id=task_id, desc=subj.name)
-            for i, (q, f) in enumerate(zip(items, fitted)):
-                lls = [scores[4 * i + j][0] for j in range(4)]
-                pred = argmax_choice(lls)
-                rows.append(
-                    {
-                        "index": i,
-                        "answer": LETTERS[q.answer],
-                        "prediction": LETTERS[pred],
-                        "correct": pred == q.answer,
-                        "loglikelihoods": lls,
-                        "num_exemplars": f.num_shots,
-                        "question_truncated": f.question_truncated,
-                    }
-                )
+        score = _paper_rows if protocol == "paper" else _harness_rows
+        rows = score(engine, subj, shots, items, max_length, cont_len, task_id)
         details[subj.name] = summarize_rows(rows, MMLU_CATEGORIES.get(subj.name, "other"), num_few_shot)
         per_subject[subj.name] = (details[subj.name]["correct"], len(rows))
         predictions[subj.name] = rows
@@ -155,3 +110,70 @@ def evaluate_mmlu(
         "eval_seconds": round(time.perf_counter() - t0, 3),
         "predictions": predictions,
     }
+
+
+def _paper_rows(
+    engine: Engine,
+    subj: MMLUSubject,
+    shots: Sequence[Any],
+    items: Sequence[Any],
+    max_length: int,
+    cont_len: int,
+    task_id: int | None,
+) -> list[dict[str, Any]]:
+    """Paper protocol: one greedy next token per question, its first character is the prediction."""
+    budget = min(max_length, PAPER_PROMPT_LIMIT)
+    fitted = [fit_prompt(mmlu_paper_parts(shots, q), engine.encode, budget) for q in items]
+    tokens = engine.next_token_argmax(
+        [GenRequest(f.ids, f.group) for f in fitted], task_id=task_id, desc=subj.name
+    )
+    rows = []
+    for i, (q, f, tok) in enumerate(zip(items, fitted, tokens)):
+        generated = engine.tokenizer.decode([tok], skip_special_tokens=True)
+        pred = paper_mmlu_prediction(generated)
+        rows.append(
+            {
+                "index": i,
+                "answer": LETTERS[q.answer],
+                "prediction": pred,
+                "generated": generated,
+                "correct": pred == LETTERS[q.answer],
+                "num_exemplars": f.num_shots,
+                "question_truncated": f.question_truncated,
+            }
+        )
+    return rows
+
+
+def _harness_rows(
+    engine: Engine,
+    subj: MMLUSubject,
+    shots: Sequence[Any],
+    items: Sequence[Any],
+    max_length: int,
+    cont_len: int,
+    task_id: int | None,
+) -> list[dict[str, Any]]:
+    """Harness protocol: the letter continuation with the highest log-likelihood (:meth:`Engine.choose`)."""
+    budget = max_length + 1 - cont_len
+    fitted = [fit_prompt(mmlu_harness_parts(subj.name, shots, q), engine.encode, budget) for q in items]
+    requests = []
+    for f in fitted:
+        full_ctx = engine.encode(f.text) if f.question_truncated else f.ids
+        choices = [engine.encode(f.text + " " + letter)[len(full_ctx) :] for letter in LETTERS]
+        requests.append(ChoiceRequest(f.ids, choices, f.group))
+    picked = engine.choose(requests, max_length, task_id=task_id, desc=subj.name)
+    rows = []
+    for i, (q, f, c) in enumerate(zip(items, fitted, picked)):
+        rows.append(
+            {
+                "index": i,
+                "answer": LETTERS[q.answer],
+                "prediction": LETTERS[c.best],
+                "correct": c.best == q.answer,
+                "loglikelihoods": c.loglikelihoods,
+                "num_exemplars": f.num_shots,
+                "question_truncated": f.question_truncated,
+            }
+        )
+    return rows

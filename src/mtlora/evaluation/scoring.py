@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
+# the harness acc rule lives with Engine.choose; re-exported here, where the other scoring rules are
+from mtlora.inference.engine import argmax_choice  # noqa: F401
+
 LETTERS = ("A", "B", "C", "D")
 
 # lm-evaluation-harness bbh_cot_fewshot filter: text after "the answer is " up to (not including) the last
@@ -55,15 +58,6 @@ def paper_mmlu_prediction(decoded_token: str) -> str:
     """
     s = decoded_token.strip()
     return s[0] if s else "X"
-
-
-def argmax_choice(loglikelihoods: Sequence[float]) -> int:
-    """Harness ``acc``: the choice with the highest log-likelihood; ties go to the first (``np.argmax``)."""
-    best = 0
-    for i, ll in enumerate(loglikelihoods):
-        if ll > loglikelihoods[best]:
-            best = i
-    return best
 
 
 def mean(values: Sequence[float]) -> float:

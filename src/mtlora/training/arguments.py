@@ -235,6 +235,9 @@ def _config_file_argv(path: str) -> list[str]:
     return argv
 
 
+config_file_argv = _config_file_argv  # public name: lorahub expands --config files the same way
+
+
 def parse_train_args(
     argv: list[str], prog: str = "mtlora train", check_paths: bool = True
 ) -> tuple[ModelArguments, DataArguments, MtLoraConfig, MtLoraTrainingArguments]:
