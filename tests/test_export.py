@@ -348,6 +348,21 @@ def test_eval_fraction_range_and_earlier_exports_are_kept(data_file: Path, tmp_p
         assert (p.stat().st_mode & 0o777) == (plain | 0o111 if p.is_dir() else plain), p
 
 
+def test_progress_bar_per_task_and_no_progress(data_file: Path, tmp_path: Path, capsys) -> None:
+    """Issue 16: the export shows a per-task bar on stderr; --no_progress turns it (and only it) off."""
+    from mtlora.cli_args import set_progress
+
+    adapter = _make_adapter(tmp_path, "lora", seed=6)
+    argv = [str(adapter), "--eval_data", str(data_file), "--no_eval"]
+    try:
+        assert main([*argv, "--output_dir", str(tmp_path / "a")]) == 0
+        assert "export: 100%" in capsys.readouterr().err
+        assert main([*argv, "--output_dir", str(tmp_path / "b"), "--no_progress"]) == 0
+        assert "export:" not in capsys.readouterr().err
+    finally:
+        set_progress(True)
+
+
 def test_package_split_keeps_the_entry_points_and_documented_names() -> None:
     """export.py became the mtlora/export/ package: `python -m mtlora.export` and every name docs/export.md
     documents still import from ``mtlora.export``."""

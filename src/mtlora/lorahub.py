@@ -47,8 +47,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm.auto import tqdm
 
 from mtlora.atomic import atomic_dir, write_text_atomic
+from mtlora.cli_args import progress_enabled
 from mtlora.dtypes import model_device
 from mtlora.errors import ConfigError, DataError, MtLoraError
 from mtlora.export import (
@@ -334,8 +336,12 @@ def compose(
     )
     history: list[dict[str, Any]] = []
     probe = _NllProbe(base_model, tokenizer, stacked, scaling)
+    bar = tqdm(
+        total=budget + 1, desc="lorahub search", unit="eval", disable=not progress_enabled(), leave=False
+    )
 
     def evaluate(weights: list[float]) -> float:
+        bar.update(1)
         probe.set_weights(weights)
         nll, batch_sum = probe.losses(encoded, size)
         loss, l1 = objective_terms(objective, alpha, weights, nll, batch_sum, len(encoded))
@@ -347,6 +353,7 @@ def compose(
         chosen = _search(ng, evaluate, history, len(loaded), lower, upper, seed, optimizer, budget)
     finally:
         probe.close()
+        bar.close()
     result = LoraHubResult(
         weights=list(chosen["weights"]),
         objective=chosen["objective"],

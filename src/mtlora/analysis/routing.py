@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from mtlora.analysis.common import (
     LoadedAdapter,
@@ -36,6 +37,7 @@ from mtlora.analysis.common import (
     token_mask,
     write_json,
 )
+from mtlora.cli_args import progress_enabled
 from mtlora.errors import MtLoraError
 from mtlora.inference import RoutingProbe
 
@@ -145,7 +147,8 @@ def collect_routing(
             }
 
     with RoutingProbe(routed, on_probs, hook="router") as probe:  # the figures' numbers, as always
-        probe.run(loaded.model, batches(), device=loaded.device)
+        bar = tqdm(batches(), desc="routing", unit="batch", disable=not progress_enabled(), leave=False)
+        probe.run(loaded.model, bar, device=loaded.device)
     if float(stats[0].count.sum()) == 0:
         raise MtLoraError(f"--tokens {tokens}: no token of the data was selected")
     return RoutingStats(loaded.label, loaded.method, list(data.tasks), tokens, stats)

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm.auto import tqdm
 
 from mtlora.atomic import atomic_dir
+from mtlora.cli_args import progress_enabled
 from mtlora.deploy import export_base
 from mtlora.export.block import export_block_adapter
 from mtlora.export.calibrate import TaskRouting, estimate_task_routing
@@ -91,7 +93,7 @@ def export_adapter(
         default_dir = report["default_export"] = safe_dir_name(DEFAULT_EXPORT, taken)
         write({}, plan.out / default_dir, task=None)
     engine = export_engine(model, tokenizer, batch_size)
-    for t in plan.tasks:
+    for t in tqdm(plan.tasks, desc="export", unit="task", disable=not progress_enabled()):
         cal, ev = plan.splits[t]
         routing = routing_for_task(model, tokenizer, plan, t, batch_size)
         if isinstance(routing, str):  # one unusable task must not sink the export of the others
