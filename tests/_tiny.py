@@ -41,3 +41,26 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2) -> torch.nn.
     )
     torch.manual_seed(seed)
     return model_cls(cfg).eval()
+
+
+def bundled_base() -> torch.nn.Module:
+    """The bundled pretrained tiny Llama (``mtlora:stories260k``), fp32, eval mode: a real base, loaded fresh."""
+    from transformers import AutoModelForCausalLM
+
+    from mtlora.hub import resolve_model_path
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path("mtlora:stories260k")).eval()
+
+
+def two_task_records(path: Path) -> Path:
+    """Write the 12-record, two-task ("repeat", "opposite") calibration/eval file the export tests share."""
+    from mtlora.data import save_records
+
+    recs = []
+    for w in ["cat", "dog", "sun", "tree", "fish", "bird"]:
+        recs.append({"instruction": "Repeat the word.", "input": w, "output": w, "task_type": "repeat"})
+        recs.append(
+            {"instruction": "Opposite of big?", "input": w, "output": f"small {w}", "task_type": "opposite"}
+        )
+    save_records(recs, path)
+    return path

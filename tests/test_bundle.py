@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import bundled_base, two_task_records
 
 from mtlora import MtLoraConfig, get_mtlora_model
 from mtlora.bundle import loader_source
-from mtlora.data import load_records, save_records, save_task_map
+from mtlora.data import load_records, save_task_map
 from mtlora.export import estimate_task_routing, main, static_routing
-from mtlora.hub import load_tokenizer, resolve_model_path
+from mtlora.hub import load_tokenizer
 from mtlora.model import MtLoraModel
 
 TINY = "mtlora:stories260k"
@@ -41,23 +42,12 @@ CASES = {
 }  # fmt: skip
 
 
-def _base() -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY)).eval()
+_base = bundled_base
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    recs = []
-    for w in ["cat", "dog", "sun", "tree", "fish", "bird"]:
-        recs.append({"instruction": "Repeat the word.", "input": w, "output": w, "task_type": "repeat"})
-        recs.append(
-            {"instruction": "Opposite of big?", "input": w, "output": f"small {w}", "task_type": "opposite"}
-        )
-    path = tmp_path_factory.mktemp("data") / "records.json"
-    save_records(recs, path)
-    return path
+    return two_task_records(tmp_path_factory.mktemp("data") / "records.json")
 
 
 def _adapter(root: Path, name: str, seed: int) -> Path:

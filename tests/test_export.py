@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import tiny_model
+from _tiny import bundled_base, tiny_model, two_task_records
 
 from mtlora import MtLoraConfig, get_mtlora_model
-from mtlora.data import load_records, save_records, save_task_map
+from mtlora.data import load_records, save_task_map
 from mtlora.errors import MtLoraError
 from mtlora.export import (
     convert_lora_to_peft,
@@ -49,10 +49,7 @@ CASES = {
 }  # fmt: skip
 
 
-def _base() -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY)).eval()
+_base = bundled_base
 
 
 def _randomise(model, seed: int) -> None:
@@ -67,16 +64,7 @@ def _randomise(model, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    words = ["cat", "dog", "sun", "tree", "fish", "bird"]
-    recs = []
-    for w in words:
-        recs.append({"instruction": "Repeat the word.", "input": w, "output": w, "task_type": "repeat"})
-        recs.append(
-            {"instruction": "Opposite of big?", "input": w, "output": f"small {w}", "task_type": "opposite"}
-        )
-    path = tmp_path_factory.mktemp("data") / "records.json"
-    save_records(recs, path)
-    return path
+    return two_task_records(tmp_path_factory.mktemp("data") / "records.json")
 
 
 def _make_adapter(root: Path, name: str, seed: int) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from _tiny import bundled_base
 
 from mtlora import MtLoraConfig, get_mtlora_model
 from mtlora.errors import CheckpointError, MtLoraError
@@ -17,8 +17,7 @@ TINY = "mtlora:stories260k"
 IDS = torch.tensor([[1, 45, 89, 120, 7, 300, 12]])
 
 
-def _base() -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY)).eval()
+_base = bundled_base
 
 
 def _mtlora_adapter(path: Path, method: str = "hydralora", **config: object) -> torch.Tensor:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import bundled_base
 
 from mtlora.data import save_records
 from mtlora.errors import MtLoraError
 from mtlora.export import read_peft_lora, write_peft_lora
-from mtlora.hub import load_tokenizer, resolve_model_path
+from mtlora.hub import load_tokenizer
 from mtlora.lorahub import (
     _align,
     _NllProbe,
@@ -28,10 +29,7 @@ TINY = "mtlora:stories260k"
 WORDS = ["cat", "dog", "sun", "tree", "fish", "bird", "moon", "star"]
 
 
-def _base() -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY)).eval()
+_base = bundled_base
 
 
 def _random_lora(base: torch.nn.Module, out: Path, seed: int, std: float = 0.15) -> Path:

@@ -6,18 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from _tiny import bundled_base
 
 from mtlora import MtLoraConfig, MtLoraModel, get_mtlora_model
-from mtlora.hub import load_model, resolve_model_path
+from mtlora.hub import load_model
 
 TINY = "mtlora:stories260k"
 
 
-def _base() -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY)).eval()
+_base = bundled_base
 
 
 @pytest.fixture(scope="module")

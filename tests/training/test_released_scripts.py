@@ -293,8 +293,10 @@ def test_interface_contract_python_train_py_with_the_released_arguments(
     assert (tmp_path / output_dir / "sft_lora_model" / "adapter_model.safetensors").is_file()
     (eval_argv,) = [a for s, a in EVAL_ROWS["eval_mmlu.py"] if s == script]
     eval_argv = [a.replace("$OUTPUT_DIR", output_dir) for a in eval_argv]
-    done = subprocess.run(
-        [
+
+    def eval_mmlu() -> subprocess.CompletedProcess:
+        """The released eval line on one question of one subject, as the script runs it (cwd = its root)."""
+        cmd = [
             sys.executable,
             str(REPO / "eval_mmlu.py"),
             *eval_argv,
@@ -302,12 +304,10 @@ def test_interface_contract_python_train_py_with_the_released_arguments(
             "abstract_algebra",
             "--limit",
             "1",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+        ]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    done = eval_mmlu()
     # ./data/mmlu_dataset does not exist here: the released code then downloaded cais/mmlu; offline, one line
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
         "error: mmlu data directory"
@@ -315,21 +315,7 @@ def test_interface_contract_python_train_py_with_the_released_arguments(
     skeleton = data / "mmlu_dataset" / "abstract_algebra"
     (skeleton / "test").mkdir(parents=True)
     (skeleton / "dataset_dict.json").write_text(json.dumps({"splits": ["test", "validation", "dev"]}))
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "eval_mmlu.py"),
-            *eval_argv,
-            "--subjects",
-            "abstract_algebra",
-            "--limit",
-            "1",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    done = eval_mmlu()
     assert done.returncode == 0, done.stderr[-3000:]
     result_dir = tmp_path / eval_argv[eval_argv.index("--output_dir") + 1]
     assert json.loads((result_dir / "mmlu_results.json").read_text())["total_questions"] == 1
