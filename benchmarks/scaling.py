@@ -420,7 +420,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         lora_rank=ns.lora_rank, eval_batch_size=ns.eval_batch_size, epochs=None, train_args="--disable_tqdm True",
     )  # fmt: skip
     journal = cache_dir / f"{ns.out.stem}.runs.jsonl"
-    done = load_journal(journal) if ns.resume else {}
+    done = {k: e["row"] for k, e in _common.journal_read(journal).items()} if ns.resume else {}
     if not ns.resume:
         journal.unlink(missing_ok=True)
 
@@ -490,7 +490,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                     "wall_seconds": round(time.time() - t0, 2),
                 }
                 runs.append(row)
-                append_journal(journal, key, row)
+                _common.journal_append(journal, {"key": key, "row": row})
                 print(
                     f"[{len(runs)}/{total}] N={n} {method} seed={seed} steps={steps}: "
                     f"acc={100 * row['accuracy']:.1f}% "
@@ -563,30 +563,6 @@ def run_key(ns: argparse.Namespace, n: int, method: str, seed: int) -> str:
     if n > len(TASKS):  # only then do the Natural Instructions tasks take part
         fields |= {"niv1": str(Path(ns.niv1_dir).resolve()), "niv1_input_words": ns.niv1_input_words}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def load_journal(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished runs by key; a torn last line (the process was killed while writing) is ignored."""
-    import json
-
-    done: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return done
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        done[entry["key"]] = entry["row"]
-    return done
-
-
-def append_journal(path: Path, key: str, row: dict[str, Any]) -> None:
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"key": key, "row": row}) + "\n")
 
 
 def report(results: dict[str, Any]) -> list[str]:

@@ -131,13 +131,15 @@ def test_scaling_fixed_budget_tiny(tmp_path, capsys) -> None:
             "per_task": {t: 0.125 for t in scaling_tasks()[:2]}, "train_loss": 1.0, "trainable_params": 1,
             "train_seconds": 0.0, "eval_seconds": 0.0, "wall_seconds": 0.0}  # fmt: skip
     journal = tmp_path / "cache" / "fixed.runs.jsonl"
-    scaling.append_journal(journal, "not-this-config", dict(fake, accuracy=0.5))
-    scaling.append_journal(journal, scaling.run_key(ns, 2, "lora", 0), fake)
+    scaling._common.journal_append(journal, {"key": "not-this-config", "row": dict(fake, accuracy=0.5)})
+    scaling._common.journal_append(journal, {"key": scaling.run_key(ns, 2, "lora", 0), "row": fake})
     journal.write_text(journal.read_text() + '{"key": "torn')  # a write cut short by a kill
     assert scaling.main([*argv, "--resume"]) == 0
     text = capsys.readouterr().out
     assert "N=2 lora seed=0: reused from" in text
-    assert len(scaling.load_journal(journal)) == 4  # kept (cache): a later --resume with more seeds reuses it
+    assert (
+        len(scaling._common.journal_read(journal)) == 4
+    )  # kept (cache): a later --resume with more seeds reuses it
     lines = text.strip().splitlines()
     for line, method in zip(lines[-2:], ("lora", "hydralora")):
         assert re.fullmatch(rf"method={method} tasks=3 acc=[0-9.]+±[0-9.]+", line), line
