@@ -483,16 +483,27 @@ class RunContext:
 
 
 @functools.lru_cache(maxsize=2)
-def _run_data(ctx_key: tuple[str, str, int, int, int, int]) -> tuple[Any, Any, Any]:
-    """Test records and the gradient / routing batches, built once per process (also in a worker)."""
+def _run_data(
+    base_path: str,
+    data_dir: str,
+    num_tasks: int,
+    train_per_task: int,
+    test_per_task: int,
+    grad_examples: int,
+    entropy_examples: int,
+    data_seed: int,
+) -> tuple[Any, Any, list[Any]]:
+    """Gradient batches, routing batches and test records: built once per process (a ``--jobs`` worker too),
+    not once per run."""
     from mtlora.analysis.common import prepare_task_batches
+    from mtlora.data.manytask import build_suite
     from mtlora.hub import load_tokenizer
 
-    base_path, data_dir, num_tasks, grad_examples, entropy_examples, data_seed = ctx_key
     tokenizer = load_tokenizer(base_path)
     grad = prepare_task_batches(data_dir, tokenizer, {}, max_examples=grad_examples, seed=data_seed)
     route = prepare_task_batches(data_dir, tokenizer, {}, max_examples=entropy_examples, seed=data_seed)
-    return grad, route, num_tasks
+    test = build_suite(num_tasks, train_per_task, test_per_task, data_seed).test_records()
+    return grad, route, test
 
 
 def measure_run(
@@ -508,16 +519,15 @@ def measure_run(
     from mtlora.analysis.common import load_adapter
     from mtlora.analysis.routing import collect_routing, entropy_result, usage_result
     from mtlora.analysis.spectral import experts_from_model
-    from mtlora.data.manytask import build_suite, macro_average, score
+    from mtlora.data.manytask import macro_average, score
     from mtlora.demo import evaluate_model, train_method
 
     ns = ctx.ns
     torch.set_num_threads(ns.num_threads)
-    grad_data, route_data, _ = _run_data(
-        (ctx.base_path, ctx.data_dir, ns.num_tasks, ns.num_tasks * ns.grad_batches * ns.grad_batch_size,
-         ns.entropy_examples, ns.data_seed)
+    grad_data, route_data, test = _run_data(
+        ctx.base_path, ctx.data_dir, ns.num_tasks, ns.train_per_task, ns.test_per_task,
+        ns.num_tasks * ns.grad_batches * ns.grad_batch_size, ns.entropy_examples, ns.data_seed,
     )  # fmt: skip
-    test = build_suite(ns.num_tasks, ns.train_per_task, ns.test_per_task, ns.data_seed).test_records()
     work = Path(ctx.work)
     t0, c0 = time.time(), time.process_time()
     run_ns = argparse.Namespace(**ctx.common, seed=seed, max_steps=ns.steps)
