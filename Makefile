@@ -23,8 +23,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks *.py
-	$(BIN)/ruff format --check src tests benchmarks *.py
+	$(BIN)/ruff check src tests benchmarks scripts *.py
+	$(BIN)/ruff format --check src tests benchmarks scripts *.py
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layering.py
 
 bench: $(STAMP)

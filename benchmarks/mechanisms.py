@@ -137,7 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="1A/1B: training examples for routing statistics (500 as the released notebook; quick 60).",
     )
     p.add_argument(
-        "--pretrain_steps", type=int, default=None, help="Base pre-training steps (1500; quick 300)."
+        "--model_name_or_path",
+        default=None,
+        help="Base model (default: the bundled stories260k). A larger llama2.c-style base for the panels the "
+        "tiny one cannot show: scripts/make_base.py.",
+    )
+    p.add_argument(
+        "--pretrain_steps",
+        type=int,
+        default=None,
+        help="Base pre-training steps on the non-evaluated tasks (1500; quick 300). 0 uses a non-bundled base "
+        "as it is (a real LLM that already follows instructions).",
     )
     p.add_argument("--eval_batch_size", type=int, default=128)
     p.add_argument("--num_threads", type=int, default=1, help="torch threads (1 is fastest here, see demo).")
@@ -218,8 +228,12 @@ def resolve(ns: argparse.Namespace) -> argparse.Namespace:
         ns.jobs = 1 if q else max(1, min(4, os.cpu_count() or 1))
     if ns.jobs < 1:
         raise SystemExit("--jobs must be >= 1")
-    if ns.pretrain_steps < 1:
-        raise SystemExit("--pretrain_steps must be >= 1 (the raw tiny base cannot learn the tasks)")
+    from mtlora.demo import BUNDLED_MODEL
+
+    ns.model_name_or_path = ns.model_name_or_path or BUNDLED_MODEL
+    if ns.pretrain_steps < 0 or (ns.pretrain_steps == 0 and ns.model_name_or_path == BUNDLED_MODEL):
+        raise SystemExit("--pretrain_steps must be >= 1 for the bundled base (the raw tiny base cannot learn "
+                         "the tasks); 0 is for a base that already follows instructions")  # fmt: skip
     ns.out = Path(ns.out) if ns.out else RESULTS / ("mechanisms_quick.json" if q else "mechanisms.json")
     ns.cache_dir = Path(ns.cache_dir) if ns.cache_dir else ns.out.resolve().parent / "cache"
     return ns
@@ -577,12 +591,42 @@ def measure_run(
     return {"key": key, "row": row, "gradients": gradients, "spectral": spectral}
 
 
+def prepare_base(ns: argparse.Namespace, common: dict[str, Any], suite: Any) -> tuple[str, dict[str, Any]]:
+    """The base every run adapts: ``--model_name_or_path`` pre-trained on the non-evaluated tasks (cached by
+    content), or as it is with ``--pretrain_steps 0``. Sets ``ns.base_key`` for :func:`run_key` when the base
+    is not the bundled one (the bundled base keeps the run keys it always had)."""
+    import hashlib
+
+    from mtlora.demo import BUNDLED_MODEL, _file_fingerprint, pretrain_base
+    from mtlora.hub import load_model, resolve_model_path
+
+    if ns.pretrain_steps == 0:
+        base_path = resolve_model_path(ns.model_name_or_path)
+        info: dict[str, Any] = {"steps": 0, "base_model": ns.model_name_or_path, "cached": True}
+        local = Path(base_path).is_dir()
+        key = hashlib.sha256(
+            (_file_fingerprint(Path(base_path)) if local else base_path).encode()
+        ).hexdigest()[:16]
+    else:
+        pre_ns = argparse.Namespace(**common, seed=ns.data_seed, pretrain_steps=ns.pretrain_steps)
+        print(f"[base] pre-training / loading {ns.model_name_or_path} ({ns.pretrain_steps} steps, cache "
+              f"{ns.cache_dir})", flush=True)  # fmt: skip
+        base_path, info = pretrain_base(pre_ns, suite, ns.cache_dir)
+        key = Path(base_path).name
+    ns.base_key = None if ns.model_name_or_path == BUNDLED_MODEL else key
+    model = load_model(base_path, device="cpu").model
+    info["parameters"] = sum(p.numel() for p in model.parameters())
+    info["architecture"] = {k: getattr(model.config, k, None) for k in ("hidden_size", "intermediate_size",
+                                                                         "num_hidden_layers", "num_attention_heads")}  # fmt: skip
+    return str(base_path), info
+
+
 def run(ns: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from mtlora.analysis.common import clean_json
     from mtlora.data.manytask import build_suite
-    from mtlora.demo import BUNDLED_MODEL, _answer_budget, pretrain_base
+    from mtlora.demo import _answer_budget
     from mtlora.hub import load_tokenizer
 
     t_start, cpu_start = time.time(), time.process_time()
@@ -593,19 +637,14 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     work = ns.cache_dir / f"work-{ns.out.stem}"
     shutil.rmtree(work, ignore_errors=True)
     common = dict(
-        model_name_or_path=BUNDLED_MODEL, device="cpu", train_per_task=ns.train_per_task,
+        model_name_or_path=ns.model_name_or_path, device="cpu", train_per_task=ns.train_per_task,
         test_per_task=ns.test_per_task, batch_size=ns.batch_size, learning_rate=ns.learning_rate,
         lora_rank=ns.lora_rank, eval_batch_size=ns.eval_batch_size, epochs=None, train_args="--disable_tqdm True",
     )  # fmt: skip
 
     suite = build_suite(ns.num_tasks, ns.train_per_task, ns.test_per_task, ns.data_seed)
     data_dir = suite.write(work / "data")
-    pre_ns = argparse.Namespace(**common, seed=ns.data_seed, pretrain_steps=ns.pretrain_steps)
-    print(
-        f"[base] pre-training / loading the tiny base ({ns.pretrain_steps} steps, cache {ns.cache_dir})",
-        flush=True,
-    )
-    base_path, pretrain_info = pretrain_base(pre_ns, suite, ns.cache_dir)
+    base_path, pretrain_info = prepare_base(ns, common, suite)
     tokenizer = load_tokenizer(base_path)
     budget = _answer_budget(suite.train, tokenizer)
     block_rank, ratio = pick_block_rank(base_path, ns)
@@ -674,7 +713,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "mechanisms",
         "machine": machine,
         "config": {
-            "model": BUNDLED_MODEL,
+            "model": ns.model_name_or_path,
             "suite": "manytask",
             "num_tasks": ns.num_tasks,
             "tasks": suite.task_names,
@@ -729,6 +768,8 @@ def run_key(ns: argparse.Namespace, name: str, flags: Sequence[str], seed: int) 
                                        "learning_rate", "lora_rank", "experts", "grad_batches", "grad_batch_size",
                                        "entropy_examples", "pretrain_steps", "data_seed")},
     }  # fmt: skip
+    if getattr(ns, "base_key", None):  # a non-bundled base: its content (not its path) names the runs
+        fields["base"] = ns.base_key
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -13,6 +13,7 @@ import torch
 from _tiny import REPO, tiny_model
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "scripts"))  # make_base.py
 import mechanisms  # noqa: E402
 
 from mtlora.analysis.spectral import adapter_spectra, band_conflict, sv_bands  # noqa: E402
@@ -237,3 +238,74 @@ def test_resume_journal(tmp_path) -> None:
     assert mechanisms._common.journal_read(path) == {
         key: {"key": key, "row": {"accuracy": 0.5}, "gradients": [], "spectral": []}
     }
+
+
+def test_pretrain_steps_zero_only_for_a_non_bundled_base() -> None:
+    with pytest.raises(SystemExit, match="pretrain_steps"):
+        _resolve("--pretrain_steps", "0")
+    with pytest.raises(SystemExit, match="pretrain_steps"):
+        _resolve("--pretrain_steps", "-1", "--model_name_or_path", "some/llm")
+    ns = _resolve("--pretrain_steps", "0", "--model_name_or_path", "some/llm")
+    assert ns.pretrain_steps == 0 and ns.model_name_or_path == "some/llm"
+    assert _resolve().model_name_or_path == "mtlora:stories260k"
+
+
+def test_run_key_names_a_non_bundled_base_by_content() -> None:
+    """The bundled base keeps the keys its journals were written with; another base gets its own runs."""
+    ns = _resolve("--experts", "4")
+    flags = mechanisms.component_flags(ns)
+    bundled = mechanisms.run_key(ns, "component", flags, 1)
+    ns.base_key = None
+    assert mechanisms.run_key(ns, "component", flags, 1) == bundled
+    ns.base_key = "pretrained_base-aaaa"
+    other = mechanisms.run_key(ns, "component", flags, 1)
+    ns.base_key = "pretrained_base-bbbb"
+    assert len({bundled, other, mechanisms.run_key(ns, "component", flags, 1)}) == 3
+
+
+def test_make_base_is_reproducible_and_loads(tmp_path) -> None:
+    """scripts/make_base.py: a llama2.c-style base with the bundled tokenizer, the same weights for the
+    same seed, loadable by mtlora's loader; it never writes into a non-empty folder."""
+    import make_base
+    from safetensors.torch import load_file
+
+    from mtlora.hub import load_model
+
+    argv = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4",
+            "--num_key_value_heads", "2"]  # fmt: skip
+    a = make_base.make_base(make_base.build_parser().parse_args(["--out", str(tmp_path / "a"), *argv]))
+    b = make_base.make_base(make_base.build_parser().parse_args(["--out", str(tmp_path / "b"), *argv]))
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    loaded = load_model(str(a), device="cpu")
+    cfg = loaded.model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size) == (32, 2, 96)
+    assert cfg.vocab_size == len(loaded.tokenizer) == 512
+    info = json.loads((a / "make_base.json").read_text())
+    assert info["parameters"] == sum(p.numel() for p in loaded.model.parameters())
+    with pytest.raises(SystemExit, match="not empty"):
+        make_base.make_base(make_base.build_parser().parse_args(["--out", str(a), *argv]))
+    with pytest.raises(SystemExit, match="multiple"):
+        make_base.make_base(
+            make_base.build_parser().parse_args(["--out", str(tmp_path / "c"), "--hidden_size", "30"])
+        )
+    assert make_base.llama2c_ffn_width(256) == 704 and make_base.llama2c_ffn_width(64, multiple=4) == 172
+
+
+def test_prepare_base_as_is_and_bundled(tmp_path) -> None:
+    """--pretrain_steps 0 uses a non-bundled base untouched and keys its runs by the folder's content."""
+    import make_base
+
+    folder = make_base.make_base(
+        make_base.build_parser().parse_args(
+            ["--out", str(tmp_path / "base"), "--hidden_size", "32", "--num_hidden_layers", "1"]
+        )
+    )
+    ns = _resolve("--pretrain_steps", "0", "--model_name_or_path", str(folder), "--cache_dir", str(tmp_path))
+    path, info = mechanisms.prepare_base(ns, {}, suite=None)
+    assert path == str(folder) and info["steps"] == 0 and info["parameters"] > 0
+    assert info["architecture"]["hidden_size"] == 32 and ns.base_key
+    key = ns.base_key
+    (folder / "make_base.json").write_text("{}\n")  # other content, same path: other runs
+    mechanisms.prepare_base(ns, {}, suite=None)
+    assert ns.base_key != key
