@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lambdas", default=None, help="λ sweep of 1A (default 0,0.1,0.25,0.5,1.0; quick 0,1.0).")
     p.add_argument("--modes", default=",".join(MODES), help="Regularizer modes of 1A: uniform, spectral.")
+    p.add_argument(
+        "--init_only",
+        action="store_true",
+        help="1C at initialisation only: no training, so any base fits a CPU budget (a real LLM with "
+        "--pretrain_steps 0); implies --panels 1C.",
+    )
     p.add_argument("--grad_batches", type=int, default=4, help="1C: batches per task for its gradient.")
     p.add_argument("--grad_batch_size", type=int, default=8, help="1C: examples per gradient batch.")
     p.add_argument(
@@ -201,6 +207,10 @@ def resolve(ns: argparse.Namespace) -> argparse.Namespace:
     if bad or not ns.panels:
         raise SystemExit(f"--panels {bad or ns.panels}: choose from {', '.join(PANELS)}")
     ns.panels = [x for x in PANELS if x in ns.panels]
+    if ns.init_only:
+        if ns.panels not in (list(PANELS), ["1C"]):
+            raise SystemExit(f"--init_only measures panel 1C only (got --panels {','.join(ns.panels)})")
+        ns.panels = ["1C"]
     ns.seeds = _ints(ns.seeds) if ns.seeds else ([1] if q else [1, 2, 3])
     ns.lambdas = sorted(
         set(_floats(ns.lambdas) if ns.lambdas else ([0.0, 1.0] if q else PAPER["1A"]["lambdas"]))
@@ -291,19 +301,28 @@ def pick_block_rank(base_path: str, ns: argparse.Namespace) -> tuple[int, dict[s
 
 def untrained_like(adapter_dir: Path, base_path: str, seed: int, label: str) -> Any:
     """A freshly initialised adapter with the trained one's config (B = 0, A and router random, ``seed``)."""
+    from mtlora.config import MtLoraConfig
+    from mtlora.hub import load_model
+
+    cfg = MtLoraConfig.from_json_file(adapter_dir / "adapter_config.json")
+    trained_map = load_model(base_path, adapter_dir, device="cpu").task_map
+    return fresh_adapter(base_path, cfg, trained_map, seed, label, adapter_dir)
+
+
+def fresh_adapter(
+    base_path: str, cfg: Any, task_map: dict[str, int], seed: int, label: str, adapter_dir: Path | None = None
+) -> Any:
+    """``cfg`` freshly initialised on the base (B = 0, A and router random from ``seed``), in eval mode."""
     import torch
 
     from mtlora.analysis.common import LoadedAdapter
-    from mtlora.config import MtLoraConfig
     from mtlora.hub import load_model
     from mtlora.model import get_mtlora_model
 
     base = load_model(base_path, device="cpu", freeze=False)
-    cfg = MtLoraConfig.from_json_file(adapter_dir / "adapter_config.json")
     torch.manual_seed(seed)
     model = get_mtlora_model(base.model, cfg)
     model.eval()
-    trained_map = load_model(base_path, adapter_dir, device="cpu").task_map
     return LoadedAdapter(
         model=model,
         tokenizer=base.tokenizer,
@@ -313,7 +332,7 @@ def untrained_like(adapter_dir: Path, base_path: str, seed: int, label: str) -> 
         adapter_dir=adapter_dir,
         adapter_config=cfg.to_dict(),
         method=cfg.method,
-        task_map=trained_map,
+        task_map=task_map,
         label=label,
     )
 
@@ -621,6 +640,42 @@ def prepare_base(ns: argparse.Namespace, common: dict[str, Any], suite: Any) -> 
     return str(base_path), info
 
 
+def measure_init(ctx: RunContext, seed: int, name: str, flags: list[str]) -> dict[str, Any]:
+    """``--init_only``: panel 1C's gradients of one freshly initialised model, no training and no evaluation
+    (the journal entry has the shape :func:`measure_run` gives, with the ``init`` stage only)."""
+    import torch
+
+    from mtlora.data import build_task_map, load_records
+
+    ns = ctx.ns
+    torch.set_num_threads(ns.num_threads)
+    grad_data, _, _ = _run_data(
+        ctx.base_path, ctx.data_dir, ns.num_tasks, ns.train_per_task, ns.test_per_task,
+        ns.num_tasks * ns.grad_batches * ns.grad_batch_size, 1, ns.data_seed,
+    )  # fmt: skip
+    t0, c0 = time.time(), time.process_time()
+    cfg = adapter_config(flags, ns)
+    task_map = build_task_map(load_records(ctx.data_dir))  # the map `mtlora train` would give these tasks
+    model = fresh_adapter(ctx.base_path, cfg, task_map, seed, name)
+    params = model.model.get_nb_trainable_parameters()[0]
+    init = measure_gradients(model, grad_data, ns)
+    row = {"run": name, "seed": seed, "mode": None, "lambda": 0.0, "flags": flags, "trainable_params": params,
+           "wall_seconds": round(time.time() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2)}  # fmt: skip
+    return {
+        "key": run_key(ns, name, flags, seed),
+        "row": row,
+        "gradients": [{"seed": seed, "model": name, "init": init}],
+        "spectral": [],
+    }
+
+
+def _measure(ctx: RunContext, seed: int, name: str, mode: str | None, lam: float, flags: list[str]) -> dict:
+    """One run of the plan (a ``--jobs`` worker's entry point): trained and measured, or ``--init_only``."""
+    if ctx.ns.init_only:
+        return measure_init(ctx, seed, name, flags)
+    return measure_run(ctx, seed, name, mode, lam, flags)
+
+
 def run(ns: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -646,7 +701,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     data_dir = suite.write(work / "data")
     base_path, pretrain_info = prepare_base(ns, common, suite)
     tokenizer = load_tokenizer(base_path)
-    budget = _answer_budget(suite.train, tokenizer)
+    budget = _answer_budget(suite.train, tokenizer)  # (unused by --init_only, which generates nothing)
     block_rank, ratio = pick_block_rank(base_path, ns)
     print(f"[setup] block FFN rank {block_rank}: {ratio['block_params']:,d} vs {ratio['component_params']:,d} "
           f"component parameters (ratio {ratio['ratio']:.3f})", flush=True)  # fmt: skip
@@ -680,6 +735,12 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         row = entry["row"]
         entries[(seed, row["run"])] = entry
         _common.journal_append(journal, clean_json(entry))
+        if ns.init_only:
+            init = entry["gradients"][0]["init"]["layer_mean"]
+            print(f"[{len(entries)}/{total}] {row['run']} seed={seed} at init: negative pairs "
+                  f"{100 * init['negative_share']:.1f}%, mean cos {init['mean_cos']:.4f} "
+                  f"({row['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
+            return
         print(f"[{len(entries)}/{total}] {row['run']} seed={seed}: acc={100 * row['accuracy']:.1f}% "
               f"H={row['routing_entropy']:.3f} gap={row['orthogonality_gap']:.3f} "
               f"loss={row['train_loss']:.3f} ({row['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
@@ -690,12 +751,12 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
 
         # spawn: a fresh interpreter per worker (fork after torch has started threads is unsafe)
         with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(measure_run, ctx, seed, *item): seed for seed, item in pending}
+            futures = {pool.submit(_measure, ctx, seed, *item): seed for seed, item in pending}
             for fut in as_completed(futures):
                 finished(futures[fut], fut.result())
     else:
         for seed, item in pending:
-            finished(seed, measure_run(ctx, seed, *item))
+            finished(seed, _measure(ctx, seed, *item))
     # plan order, whatever order the runs finished in: the JSON does not depend on --jobs
     ordered = [entries[(seed, item[0])] for seed, item in todo]
     runs = [entry["row"] for entry in ordered]
@@ -735,6 +796,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             "num_threads": ns.num_threads,
             "jobs": ns.jobs,
             "quick": ns.quick,
+            "init_only": ns.init_only,
             "panels": ns.panels,
             "flags": {name: flags for name, _, _, flags in plan},
         },  # fmt: skip
@@ -768,6 +830,8 @@ def run_key(ns: argparse.Namespace, name: str, flags: Sequence[str], seed: int) 
                                        "learning_rate", "lora_rank", "experts", "grad_batches", "grad_batch_size",
                                        "entropy_examples", "pretrain_steps", "data_seed")},
     }  # fmt: skip
+    if ns.init_only:
+        fields["init_only"] = True
     if getattr(ns, "base_key", None):  # a non-bundled base: its content (not its path) names the runs
         fields["base"] = ns.base_key
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
@@ -778,6 +842,11 @@ def panel_png(out_json: Path, panel: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- summaries
+def _stages(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The 1C stages measured: ``init`` always, ``trained`` unless ``--init_only``."""
+    return [s for s in ("init", "trained") if rows and s in rows[0]]
+
+
 def summarize_1c(rows: list[dict[str, Any]], ratio: dict[str, Any], ns: argparse.Namespace) -> dict[str, Any]:
     """Per stage and reading: component and block over seeds, and their per-seed differences."""
     out: dict[str, Any] = {
@@ -789,7 +858,7 @@ def summarize_1c(rows: list[dict[str, Any]], ratio: dict[str, Any], ns: argparse
         "parameter_ratio": ratio,
         "per_seed": rows,
     }
-    for stage in ("init", "trained"):
+    for stage in _stages(rows):
         stage_out: dict[str, Any] = {}
         for reading in ("layer_mean", "pooled", "concatenated"):
             by_model = {
@@ -898,6 +967,8 @@ def report(results: dict[str, Any]) -> list[str]:
     if "1C" in p:
         parts = [f"panel=1C seeds={seeds}"]
         for stage, prefix in (("trained", ""), ("init", "init_")):
+            if stage not in p["1C"]:  # --init_only
+                continue
             r = p["1C"][stage]["layer_mean"]
             parts += [
                 f"{prefix}neg_share_component={_fmt(r['negative_share']['component']['mean'], 100)}",
@@ -919,9 +990,10 @@ def plot_1c(results: dict[str, Any], path: Path) -> Path:
 
     panel = results["panels"]["1C"]
     rows = panel["per_seed"]
-    fig, axes = new_figure(2, 2, figsize=(12, 8))
+    stages = _stages(rows)
+    fig, axes = new_figure(2, len(stages), figsize=(max(9, 6 * len(stages)), 8))
     colors = {"component": "C0", "block": "C1"}
-    for ax, stage in zip(axes[:2], ("init", "trained")):
+    for ax, stage in zip(axes[: len(stages)], stages):
         vals = {m: np.array([v for r in rows if r["model"] == m for v in r[stage]["values"]]) for m in colors}
         lo = min(-0.05, *(float(v.min()) for v in vals.values() if v.size))
         hi = max(0.05, *(float(v.max()) for v in vals.values() if v.size))
@@ -943,7 +1015,7 @@ def plot_1c(results: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("density (pairs x seeds)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    for ax, stage in zip(axes[2:], ("init", "trained")):
+    for ax, stage in zip(axes[len(stages) :], stages):
         for off, (m, color) in zip((-0.12, 0.12), colors.items()):
             per = [r[stage]["per_layer_mean"] for r in rows if r["model"] == m]
             keys = sorted(per[0], key=int)
@@ -1084,7 +1156,7 @@ def tables(results: dict[str, Any]) -> str:
             "| stage | reading | negative pairs comp (%) | block (%) | mean cos comp | block | reduction (%) |"
         )
         out.append("|---|---|---:|---:|---:|---:|---:|")
-        for stage in ("init", "trained"):
+        for stage in _stages(p["1C"]["per_seed"]):
             for reading in ("layer_mean", "pooled", "concatenated"):
                 r = p["1C"][stage][reading]
                 out.append(

