@@ -276,19 +276,23 @@ def adapter_config(flags: Sequence[str], ns: argparse.Namespace) -> Any:
     return cfg
 
 
-def trainable_params(base_path: str, cfg: Any) -> int:
-    from mtlora.hub import load_model
+def trainable_params(base: Any, cfg: Any) -> int:
+    """Trainable parameters of ``cfg`` on a copy of the loaded ``base`` model (the base stays unwrapped)."""
+    import copy
+
     from mtlora.model import get_mtlora_model
 
-    model = get_mtlora_model(load_model(base_path, device="cpu", freeze=False).model, cfg)
-    return model.get_nb_trainable_parameters()[0]
+    return get_mtlora_model(copy.deepcopy(base), cfg).get_nb_trainable_parameters()[0]
 
 
 def pick_block_rank(base_path: str, ns: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     """The block rank whose trainable parameters are closest to half the component model's (paper: 50%)."""
-    comp = trainable_params(base_path, adapter_config(component_flags(ns), ns))
+    from mtlora.hub import load_model
+
+    base = load_model(base_path, device="cpu", freeze=False).model  # loaded once: a 135M base takes seconds
+    comp = trainable_params(base, adapter_config(component_flags(ns), ns))
     candidates = [ns.block_rank] if ns.block_rank else list(range(1, 2 * ns.lora_rank + 1))
-    counts = {r: trainable_params(base_path, adapter_config(block_flags(ns, r), ns)) for r in candidates}
+    counts = {r: trainable_params(base, adapter_config(block_flags(ns, r), ns)) for r in candidates}
     rank = min(counts, key=lambda r: (abs(counts[r] / comp - 0.5), r))
     return rank, {
         "component_params": comp,

@@ -156,12 +156,18 @@ def test_block_rank_is_closest_to_half() -> None:
     ns = _resolve("--experts", "4", "--lora_rank", "8")
     rank, info = mechanisms.pick_block_rank("mtlora:stories260k", ns)
     assert info["block_rank"] == rank and abs(info["ratio"] - 0.5) < 0.1
+    from mtlora.hub import load_model
+
+    base = load_model("mtlora:stories260k", device="cpu", freeze=False).model
+    before = {k: v.clone() for k, v in base.state_dict().items()}
     for other in (rank - 1, rank + 1):
         if other >= 1:
             n = mechanisms.trainable_params(
-                "mtlora:stories260k", mechanisms.adapter_config(mechanisms.block_flags(ns, other), ns)
+                base, mechanisms.adapter_config(mechanisms.block_flags(ns, other), ns)
             )
             assert abs(n / info["component_params"] - 0.5) >= abs(info["ratio"] - 0.5)
+    after = base.state_dict()  # counted on copies: the loaded base is never wrapped
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
 LINE = {
