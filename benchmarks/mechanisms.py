@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         "as it is (a real LLM that already follows instructions).",
     )
     p.add_argument("--eval_batch_size", type=int, default=128)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="Where runs train and measure (cuda for a real LLM with training, e.g. panel 1A on SmolLM2).",
+    )
     p.add_argument("--num_threads", type=int, default=1, help="torch threads (1 is fastest here, see demo).")
     p.add_argument(
         "--jobs",
@@ -244,6 +249,7 @@ def resolve(ns: argparse.Namespace) -> argparse.Namespace:
     if ns.pretrain_steps < 0 or (ns.pretrain_steps == 0 and ns.model_name_or_path == BUNDLED_MODEL):
         raise SystemExit("--pretrain_steps must be >= 1 for the bundled base (the raw tiny base cannot learn "
                          "the tasks); 0 is for a base that already follows instructions")  # fmt: skip
+    _common.resolve_device(ns.device)  # one clear line when CUDA is asked for but absent
     ns.out = Path(ns.out) if ns.out else RESULTS / ("mechanisms_quick.json" if q else "mechanisms.json")
     ns.cache_dir = Path(ns.cache_dir) if ns.cache_dir else ns.out.resolve().parent / "cache"
     return ns
@@ -303,18 +309,24 @@ def pick_block_rank(base_path: str, ns: argparse.Namespace) -> tuple[int, dict[s
     }
 
 
-def untrained_like(adapter_dir: Path, base_path: str, seed: int, label: str) -> Any:
+def untrained_like(adapter_dir: Path, base_path: str, seed: int, label: str, device: str = "cpu") -> Any:
     """A freshly initialised adapter with the trained one's config (B = 0, A and router random, ``seed``)."""
     from mtlora.config import MtLoraConfig
     from mtlora.hub import load_model
 
     cfg = MtLoraConfig.from_json_file(adapter_dir / "adapter_config.json")
     trained_map = load_model(base_path, adapter_dir, device="cpu").task_map
-    return fresh_adapter(base_path, cfg, trained_map, seed, label, adapter_dir)
+    return fresh_adapter(base_path, cfg, trained_map, seed, label, adapter_dir, device=device)
 
 
 def fresh_adapter(
-    base_path: str, cfg: Any, task_map: dict[str, int], seed: int, label: str, adapter_dir: Path | None = None
+    base_path: str,
+    cfg: Any,
+    task_map: dict[str, int],
+    seed: int,
+    label: str,
+    adapter_dir: Path | None = None,
+    device: str = "cpu",
 ) -> Any:
     """``cfg`` freshly initialised on the base (B = 0, A and router random from ``seed``), in eval mode."""
     import torch
@@ -323,14 +335,14 @@ def fresh_adapter(
     from mtlora.hub import load_model
     from mtlora.model import get_mtlora_model
 
-    base = load_model(base_path, device="cpu", freeze=False)
+    base = load_model(base_path, device=device, freeze=False)
     torch.manual_seed(seed)
-    model = get_mtlora_model(base.model, cfg)
+    model = get_mtlora_model(base.model, cfg).to(device)
     model.eval()
     return LoadedAdapter(
         model=model,
         tokenizer=base.tokenizer,
-        device="cpu",
+        device=device,
         dtype=base.dtype,
         model_name_or_path=base.model_name_or_path,
         adapter_dir=adapter_dir,
@@ -583,7 +595,7 @@ def measure_run(
     gradients: list[dict[str, Any]] = []
     spectral: list[dict[str, Any]] = []
     kind = "block" if name == "block" else "component"
-    loaded = load_adapter(adapter_dir, ctx.base_path, device="cpu", label=kind)
+    loaded = load_adapter(adapter_dir, ctx.base_path, device=ns.device, label=kind)
     rs_prompt = collect_routing(loaded, route_data, tokens="prompt")
     rs_all = collect_routing(loaded, route_data, tokens="all")
     ent = entropy_result(rs_prompt)
@@ -603,7 +615,8 @@ def measure_run(
             spectral.append({"seed": seed, "expert_level": expert_level, "task_level": task_level})
     if name in ("component", "block") and "1C" in ns.panels:
         trained = measure_gradients(loaded, grad_data, ns)
-        init = measure_gradients(untrained_like(adapter_dir, ctx.base_path, seed, kind), grad_data, ns)
+        fresh = untrained_like(adapter_dir, ctx.base_path, seed, kind, ns.device)
+        init = measure_gradients(fresh, grad_data, ns)
         gradients.append({"seed": seed, "model": kind, "trained": trained, "init": init})
     del loaded
     row["wall_seconds"] = round(time.time() - t0, 2)
@@ -660,7 +673,7 @@ def measure_init(ctx: RunContext, seed: int, name: str, flags: list[str]) -> dic
     t0, c0 = time.time(), time.process_time()
     cfg = adapter_config(flags, ns)
     task_map = build_task_map(load_records(ctx.data_dir))  # the map `mtlora train` would give these tasks
-    model = fresh_adapter(ctx.base_path, cfg, task_map, seed, name)
+    model = fresh_adapter(ctx.base_path, cfg, task_map, seed, name, device=ns.device)
     params = model.model.get_nb_trainable_parameters()[0]
     init = measure_gradients(model, grad_data, ns)
     row = {"run": name, "seed": seed, "mode": None, "lambda": 0.0, "flags": flags, "trainable_params": params,
@@ -690,13 +703,13 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
 
     t_start, cpu_start = time.time(), time.process_time()
     torch.set_num_threads(ns.num_threads)
-    machine = _common.machine_info("cpu")
+    machine = _common.machine_info(ns.device)
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     # one work folder per output file: a --quick run next to a full one must not delete its runs
     work = ns.cache_dir / f"work-{ns.out.stem}"
     shutil.rmtree(work, ignore_errors=True)
     common = dict(
-        model_name_or_path=ns.model_name_or_path, device="cpu", train_per_task=ns.train_per_task,
+        model_name_or_path=ns.model_name_or_path, device=ns.device, train_per_task=ns.train_per_task,
         test_per_task=ns.test_per_task, batch_size=ns.batch_size, learning_rate=ns.learning_rate,
         lora_rank=ns.lora_rank, eval_batch_size=ns.eval_batch_size, epochs=None, train_args="--disable_tqdm True",
     )  # fmt: skip
@@ -798,6 +811,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             "grad_batch_size": ns.grad_batch_size,
             "entropy_examples": ns.entropy_examples,
             "num_threads": ns.num_threads,
+            "device": ns.device,
             "jobs": ns.jobs,
             "quick": ns.quick,
             "init_only": ns.init_only,

@@ -346,6 +346,9 @@ def test_mechanisms_init_only_tiny(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit, match="1C only"):
         _resolve("--init_only", "--panels", "1A,1C")
     assert _resolve("--init_only").panels == ["1C"]
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="cuda"):
+            _resolve("--device", "cuda")
 
 
 def test_make_base_from_gguf_errors(tmp_path) -> None:
