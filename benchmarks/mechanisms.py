@@ -2,7 +2,7 @@ r"""The paper's three measured mechanisms (Figure 1 A, B, C), measured on one ba
 
 Everything is trained on the first ``--num_tasks`` tasks of the many-task letter suite
 (:mod:`mtlora.data.manytask`: tasks that share their inputs, so one set of adapter weights must compromise)
-with the bundled tiny base, pre-trained once on 18 non-evaluated tasks (:func:`mtlora.demo.pretrain_base`,
+with the bundled tiny base (or ``--model_name_or_path``), pre-trained once on 18 non-evaluated tasks (:func:`mtlora.demo.pretrain_base`,
 cached), through ``mtlora train``'s own code path (:func:`mtlora.demo.train_method`). Accuracy is exact match
 of greedy answers on unseen test inputs (:func:`mtlora.demo.evaluate_model`). The analyses reuse
 :mod:`mtlora.analysis` (task gradients, SV bands, routing hooks); nothing here re-implements them.
@@ -101,8 +101,8 @@ PAPER: dict[str, Any] = {
 # ----------------------------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Figure 1 A/B/C of the paper measured on the tiny base (CPU): gradient conflict component "
-        "vs block, SV-band alignment, the regularization-routing trade-off.",
+        description="Figure 1 A/B/C of the paper measured (default: the bundled tiny base on CPU): gradient "
+        "conflict component vs block, SV-band alignment, the regularization-routing trade-off.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="Smoke run (< 3 min): 6 tasks, 1 seed, λ in {0, 1}.")
