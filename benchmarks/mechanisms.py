@@ -41,6 +41,10 @@ Panels (see benchmarks/README.md "mechanisms" for the reading against the paper)
   ``--entropy_examples`` training examples), plus what the term did to B: the top-band SV importance and the
   orthogonality gap ``mean_e ‖B_eᵀB_e / s_e² - I‖_F / √r`` (0 = orthogonal columns of equal norm).
 
+Other bases: ``--model_name_or_path`` (a wider llama2.c-style base or a GGUF-converted LLM from
+``scripts/make_base.py``; ``--pretrain_steps 0`` uses one as it is), ``--init_only`` (panel 1C on freshly
+initialised adapters, no training: a 135M model fits a CPU budget) and ``--device cuda``.
+
 Seeds: the suite, the test inputs and the pre-trained base are fixed (``--data_seed``); ``--seeds`` change
 adapter initialisation and data order. Numbers are mean ± sample std over seeds. Nothing is tuned on the
 test split (no λ, step count or rank was chosen by test accuracy).
